@@ -1,0 +1,65 @@
+"""Build a Flamingo model from its config: the one place that wires vision, resampler, LM and
+cross-attention blocks together and initialises (or loads) their weights.
+
+Initialisation is layout-invariant: replicated modules come from the same seed on every rank,
+TP-sharded trainable matrices are drawn full-size from a seeded generator and sliced, and the
+frozen LM is loaded (or drawn) in Hugging Face layout and sliced by `hf_llama`. So TP=1 and
+TP=2 build the same function, and the first-step loss agrees across layouts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flamingo_dist.config import ModelConfig, xattn_layer_indices
+from flamingo_dist.hf_llama import DictTensors, SafetensorsDir, load_lm_weights, random_lm_tensors
+from flamingo_dist.models.flamingo import Flamingo
+from flamingo_dist.models.lm import TPLinears, TPLlama
+from flamingo_dist.models.resampler import PerceiverResampler
+from flamingo_dist.models.vision import build_vision_encoder
+from flamingo_dist.models.xattn import GatedCrossAttentionBlock
+
+INIT_STD = 0.02  # transformers' IDEFICS initializer_range
+
+
+def init_sharded_linears_(module: nn.Module, generator: torch.Generator, tp_rank: int, tp_size: int) -> None:
+    """Draw every projection weight (`*_proj.weight`) of `module` at full size from `generator`
+    and keep this rank's slice, so the result does not depend on the TP size."""
+    for name, p in module.named_parameters():
+        if not name.endswith("_proj.weight"):
+            continue
+        dim = getattr(p, "partition_dim", 0) if getattr(p, "tensor_model_parallel", False) else 0
+        parts = tp_size if getattr(p, "tensor_model_parallel", False) else 1
+        full_shape = list(p.shape)
+        full_shape[dim] *= parts
+        full = torch.randn(full_shape, generator=generator) * INIT_STD
+        with torch.no_grad():
+            p.copy_(full.chunk(parts, dim=dim)[tp_rank if parts > 1 else 0])
+
+
+def build_model(cfg: ModelConfig, tp_group: dist.ProcessGroup, seed: int,
+                dtype: torch.dtype = torch.float32) -> Flamingo:
+    """The whole model on CPU; frozen parts are created directly in `dtype`."""
+    tp_rank, tp_size = dist.get_rank(tp_group), dist.get_world_size(tp_group)
+    torch.manual_seed(seed)  # replicated modules: identical on every rank and layout
+    vision = build_vision_encoder(cfg.vision.model_name, cfg.vision.pretrained, cfg.vision.activation).to(dtype)
+    r = cfg.resampler
+    resampler = PerceiverResampler(vision.width, r.depth, r.num_heads, r.head_dim, r.num_latents, r.qk_layer_norms)
+    lm = TPLlama(cfg.lm, tp_group, dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        lm.new_embed.weight.copy_(torch.randn(lm.new_embed.weight.shape, generator=gen) * INIT_STD)
+        if lm.new_head is not None:
+            lm.new_head.weight.copy_(torch.randn(lm.new_head.weight.shape, generator=gen) * INIT_STD)
+    source = SafetensorsDir(cfg.lm.path) if cfg.lm.path else DictTensors(random_lm_tensors(cfg.lm, seed + 2))
+    load_lm_weights(lm, source)
+    linears = TPLinears(tp_group, torch.float32)  # trainable: fp32 here, DeepSpeed decides their dtype
+    blocks = {}
+    for i in xattn_layer_indices(cfg):
+        block = GatedCrossAttentionBlock(cfg.lm.hidden_size, vision.width, cfg.lm.num_heads, cfg.lm.intermediate_size,
+                                         cfg.lm.rms_norm_eps, cfg.xattn.alpha_type, cfg.xattn.qk_layer_norms, linears)
+        init_sharded_linears_(block, torch.Generator().manual_seed(seed + 100 + i), tp_rank, tp_size)
+        blocks[i] = block
+    return Flamingo(vision, resampler, lm, blocks, r.num_latents)

@@ -1,0 +1,115 @@
+"""A small synthetic interleaved image-text corpus, written as webdataset tar shards, and the
+word-level tokenizer that covers it. Images are coloured shapes; the text after each image names
+its size, colour and shape, so a debug model can learn to read images. Nothing is downloaded.
+
+Sample format (OBELICS-style, the format the real pipeline reads too):
+  <key>.json  {"texts": [str | null, ...], "images": [member name | null, ...]}  (parallel lists)
+  <key>.<name>.png  one member per image
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
+          "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+WORDS = ["a", "an", "the", "this", "is", "image", "of", "shows", "picture", "here", "on", "background",
+         "next", "and", "there", "document", "about", "shapes", "colors", "look", "at", "we", "see",
+         "photo", "it", *COLORS, *SHAPES, *SIZES, ".", ",", ":"]
+SPECIALS = ["<unk>", "<s>", "</s>"]
+VOCAB_SIZE = 512
+INTROS = ["this document is about shapes .", "we look at colors and shapes .", "here is a picture .",
+          "look at the image ."]
+
+
+def build_tokenizer(out_dir: str, vocab_size: int = VOCAB_SIZE):
+    """A LLaMA-like word-level tokenizer (<s> prepended, </s> as eos, <unk> as pad) of exactly
+    `vocab_size` tokens, saved to `out_dir` in Hugging Face format."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = SPECIALS + WORDS
+    vocab += [f"<extra_{i}>" for i in range(vocab_size - len(vocab))]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<unk>")
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def draw_shape(color: str, shape: str, size: str, side: int = 32, rng: random.Random | None = None):
+    from PIL import Image, ImageDraw
+
+    rng = rng or random.Random(0)
+    bg = rng.choice([c for c in COLORS if c != color])
+    img = Image.new("RGB", (side, side), COLORS[bg])
+    d = ImageDraw.Draw(img)
+    r = side * (0.4 if size == "large" else 0.2)
+    cx, cy = side / 2 + rng.uniform(-2, 2), side / 2 + rng.uniform(-2, 2)
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[color])
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=COLORS[color])
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+    return img
+
+
+def make_document(rng: random.Random, max_images: int = 3, side: int = 32) -> tuple[list, dict]:
+    """(items, images): items is the interleaved list (str or image member name)."""
+    items: list = [rng.choice(INTROS)]
+    images = {}
+    for k in range(rng.randint(1, max_images)):
+        color, shape, size = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(SIZES)
+        name = f"img{k}.png"
+        images[name] = draw_shape(color, shape, size, side, rng)
+        items.append(name)
+        items.append(f" this image shows a {size} {color} {shape} .")
+    return items, images
+
+
+def write_corpus(out_dir: str, num_docs: int = 256, docs_per_shard: int = 64, seed: int = 0,
+                 side: int = 32) -> list[str]:
+    """Write tokenizer/ and shard-NNNNN.tar files to out_dir; returns the shard paths."""
+    import webdataset as wds
+
+    os.makedirs(out_dir, exist_ok=True)
+    build_tokenizer(os.path.join(out_dir, "tokenizer"))
+    rng = random.Random(seed)
+    paths = []
+    for s in range(0, num_docs, docs_per_shard):
+        path = os.path.join(out_dir, f"shard-{s // docs_per_shard:05d}.tar")
+        tmp = path + ".tmp"
+        with wds.TarWriter(tmp) as sink:
+            for i in range(s, min(s + docs_per_shard, num_docs)):
+                items, images = make_document(rng, side=side)
+                texts = [None if it in images else it for it in items]
+                names = [it if it in images else None for it in items]
+                sample = {"__key__": f"doc{i:06d}", "json": json.dumps({"texts": texts, "images": names})}
+                for name, img in images.items():
+                    buf = io.BytesIO()
+                    img.save(buf, format="PNG")
+                    sample[name] = buf.getvalue()
+                sink.write(sample)
+        os.replace(tmp, path)  # a crash never leaves a half-written shard behind
+        paths.append(path)
+    with open(os.path.join(out_dir, "DONE"), "w") as f:
+        json.dump({"num_docs": num_docs, "seed": seed, "shards": len(paths)}, f)
+    return paths
+
+
+def ensure_corpus(out_dir: str, num_docs: int, seed: int = 0, side: int = 32) -> str:
+    """Generate the corpus unless a complete one (marked DONE) is there; returns out_dir."""
+    if not os.path.isfile(os.path.join(out_dir, "DONE")):
+        write_corpus(out_dir, num_docs=num_docs, seed=seed, side=side)
+    return out_dir

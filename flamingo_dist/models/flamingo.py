@@ -1,0 +1,99 @@
+"""The Flamingo model: frozen vision encoder -> Perceiver Resampler -> frozen LM with gated
+cross-attention blocks placed before chosen LM layers (IDEFICS: before layer i when
+i % cross_layer_interval == 0). Plain torch composition; the TP-aware pieces live in lm.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from flamingo_dist.models.lm import TPLlama, vocab_parallel_loss
+from flamingo_dist.models.resampler import PerceiverResampler
+from flamingo_dist.models.vision import VisionEncoder
+from flamingo_dist.models.xattn import GatedCrossAttentionBlock, expand_image_mask
+
+
+class FlamingoLayer(nn.Module):
+    """An optional cross-attention block followed by one frozen LM layer: the unit of
+    activation checkpointing."""
+
+    def __init__(self, xattn: GatedCrossAttentionBlock | None, decoder: nn.Module):
+        super().__init__()
+        self.xattn = xattn
+        self.decoder = decoder
+        self.activation_checkpointing = False
+
+    def _forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT):
+        if self.xattn is not None and media_BMV is not None:
+            x_BTD = self.xattn(x_BTD, media_BMV, mask_bias, has_image_BT)
+        return self.decoder(x_BTD, cos, sin)
+
+    def forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # Non-reentrant: the reentrant form drops gradients of trainable parameters when the
+            # block's inputs come from frozen layers (no input requires grad).
+            return checkpoint(self._forward, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT,
+                              use_reentrant=False)
+        return self._forward(x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT)
+
+
+class Flamingo(nn.Module):
+    def __init__(self, vision: VisionEncoder, resampler: PerceiverResampler, lm: TPLlama,
+                 xattn_blocks: dict[int, GatedCrossAttentionBlock], num_latents: int):
+        super().__init__()
+        self.vision = vision
+        self.resampler = resampler
+        self.lm = lm
+        self.num_latents = num_latents
+        self.layers = nn.ModuleList(
+            FlamingoLayer(xattn_blocks.get(i), decoder) for i, decoder in enumerate(lm.layers))
+        self.xattn_layer_indices = sorted(xattn_blocks)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Everything that trains; all other parameters are frozen."""
+        return [self.resampler, *[layer.xattn for layer in self.layers if layer.xattn is not None],
+                *self.lm.trainable_modules()]
+
+    def xattn_blocks(self) -> list[tuple[int, GatedCrossAttentionBlock]]:
+        return [(i, layer.xattn) for i, layer in enumerate(self.layers) if layer.xattn is not None]
+
+    def encode_media(self, pixel_values_BNCP: torch.Tensor) -> torch.Tensor:
+        """[B, N, 3, H, W] -> resampled media [B, N*L, V]."""
+        B, N = pixel_values_BNCP.shape[:2]
+        feats_XSV = self.vision(pixel_values_BNCP.flatten(0, 1))  # X = B*N, no autograd
+        dtype = next(self.resampler.parameters()).dtype
+        latents_XLV = self.resampler(feats_XSV.to(dtype))
+        return latents_XLV.view(B, N * self.num_latents, -1)
+
+    def hidden_states(self, input_ids_BT, pixel_values_BNCP=None, image_attention_mask_BTN=None,
+                      position_ids_BT=None) -> torch.Tensor:
+        x_BTD = self.lm.embed(input_ids_BT)
+        if position_ids_BT is None:
+            position_ids_BT = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device).expand_as(input_ids_BT)
+        cos, sin = self.lm.rope(position_ids_BT, x_BTD.dtype)
+        media_BMV = mask_bias = has_image_BT = None
+        if pixel_values_BNCP is not None:
+            media_BMV = self.encode_media(pixel_values_BNCP).to(x_BTD.dtype)
+            mask_bias, has_image_BT = expand_image_mask(image_attention_mask_BTN, self.num_latents, x_BTD.dtype)
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT)
+        return x_BTD
+
+    def forward(self, input_ids_BT, pixel_values_BNCP=None, image_attention_mask_BTN=None,
+                position_ids_BT=None, labels_BT=None, z_loss: float = 0.0):
+        """Without labels: this rank's vocabulary shard of the logits [B, T, Vp/tp]. With labels:
+        (mean next-token loss over the labelled tokens + z-loss, detached statistics)."""
+        h = self.hidden_states(input_ids_BT, pixel_values_BNCP, image_attention_mask_BTN, position_ids_BT)
+        logits = self.lm.logits_parallel(h)
+        if labels_BT is None:
+            return logits
+        ce_sum, z_sum, count = vocab_parallel_loss(logits, labels_BT, z_loss, self.lm.tp_group)
+        denom = count.clamp(min=1)
+        return (ce_sum + z_sum) / denom, {"ce": (ce_sum / denom).detach(), "z_loss": (z_sum / denom).detach(),
+                                          "tokens": count}
+
+    def logits(self, *args, **kwargs) -> torch.Tensor:
+        """Full logits [B, T, V+2], gathered across TP ranks (evaluation, parity tests)."""
+        return self.lm.gather_logits(self.forward(*args, **kwargs))

@@ -1,0 +1,218 @@
+"""The frozen LLaMA-family LM on megatron-core's tensor-parallel layers.
+
+This is the one model file that knows megatron's TP: `VocabParallelEmbedding`,
+`ColumnParallelLinear`, `RowParallelLinear` and `vocab_parallel_cross_entropy`, with attention
+through `scaled_dot_product_attention`. megatron's `GPTModel`/`TransformerLayer` are not used:
+their RoPE and attention buffers call `torch.cuda.current_device()` and cannot run on CPU.
+
+Layout per TP rank: heads, key/value heads and MLP columns are split evenly; q/k/v are fused in
+one column-parallel matmul laid out [q_local | k_local | v_local], gate/up likewise
+[gate_local | up_local] (one GEMM instead of three or two). The vocabulary is padded to a
+multiple of TP; the rows for the two new tokens (ids V, V+1) come from small trainable
+"decoupled" tables (IDEFICS' DecoupledEmbedding/DecoupledLinear) and padded rows get -inf logits
+so they never enter the loss.
+
+Weights are never initialised here (`perform_initialization=False`): both real checkpoints and
+random test models go through `flamingo_dist.hf_llama`, which slices full tensors per rank, so a
+model is the same function at every TP size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flamingo_dist.config import LMConfig
+from flamingo_dist.models.common import RMSNorm, apply_rope, rope_cos_sin
+
+NUM_NEW_TOKENS = 2  # <fake_token_around_image> = V, <image> = V + 1
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
+    """Base vocabulary plus the two new tokens, rounded up to a multiple of the TP size."""
+    total = vocab_size + NUM_NEW_TOKENS
+    return -(-total // tp_size) * tp_size
+
+
+def _mp_config(tp_size: int, dtype: torch.dtype):
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    return ModelParallelConfig(tensor_model_parallel_size=tp_size, use_cpu_initialization=True,
+                               perform_initialization=False, params_dtype=dtype)
+
+
+def _noinit(_: torch.Tensor) -> None:
+    return None
+
+
+class TPLinears:
+    """`LinearFactory` over megatron's column/row-parallel layers for one TP group; also used by
+    the cross-attention blocks so they are sharded exactly like the LM's attention and MLP."""
+
+    def __init__(self, tp_group: dist.ProcessGroup, dtype: torch.dtype = torch.float32):
+        self.tp_group = tp_group
+        self.tp_size = dist.get_world_size(tp_group)
+        self.dtype = dtype
+
+    def column(self, in_features: int, out_features: int) -> nn.Module:
+        return ColumnLinear(in_features, out_features, config=_mp_config(self.tp_size, self.dtype),
+                            init_method=_noinit, bias=False, gather_output=False, tp_group=self.tp_group)
+
+    def row(self, in_features: int, out_features: int) -> nn.Module:
+        return RowLinear(in_features, out_features, config=_mp_config(self.tp_size, self.dtype),
+                         init_method=_noinit, bias=False, input_is_parallel=True, skip_bias_add=False,
+                         tp_group=self.tp_group)
+
+
+def _column_cls():
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    class _Column(ColumnParallelLinear):
+        def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+            return super().forward(x, weight=weight)[0]
+
+    return _Column
+
+
+def _row_cls():
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    class _Row(RowParallelLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return super().forward(x)[0]
+
+    return _Row
+
+
+def ColumnLinear(*args, **kwargs) -> nn.Module:  # noqa: N802 (a constructor)
+    return _column_cls()(*args, **kwargs)
+
+
+def RowLinear(*args, **kwargs) -> nn.Module:  # noqa: N802
+    return _row_cls()(*args, **kwargs)
+
+
+class DecoderLayer(nn.Module):
+    """One frozen LLaMA layer: pre-RMSNorm attention with RoPE, pre-RMSNorm SwiGLU MLP."""
+
+    def __init__(self, cfg: LMConfig, linears: TPLinears):
+        super().__init__()
+        tp = linears.tp_size
+        self.head_dim = cfg.head_dim
+        self.local_heads, self.local_kv_heads = cfg.num_heads // tp, cfg.kv_heads // tp
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv_proj = linears.column(cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim)
+        self.o_proj = linears.row(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_up_proj = linears.column(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = linears.row(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H, K, E = self.local_heads, self.local_kv_heads, self.head_dim
+        qkv = self.qkv_proj(self.input_layernorm(x_BTD))
+        q_BHTE = qkv[..., : H * E].view(B, T, H, E).transpose(1, 2)
+        k_BKTE = qkv[..., H * E: (H + K) * E].view(B, T, K, E).transpose(1, 2)
+        v_BKTE = qkv[..., (H + K) * E:].view(B, T, K, E).transpose(1, 2)
+        q_BHTE, k_BKTE = apply_rope(q_BHTE, cos, sin), apply_rope(k_BKTE, cos, sin)
+        attn_BHTE = nn.functional.scaled_dot_product_attention(
+            q_BHTE, k_BKTE, v_BKTE, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=K != H)
+        x_BTD = x_BTD + self.o_proj(attn_BHTE.transpose(1, 2).reshape(B, T, H * E))
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(x_BTD))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return x_BTD + self.down_proj(nn.functional.silu(gate) * up)
+
+
+class TPLlama(nn.Module):
+    """Embedding, decoder layers, final norm and (vocab-parallel) head. The decoupled tables for
+    the new tokens are the only trainable parameters here."""
+
+    def __init__(self, cfg: LMConfig, tp_group: dist.ProcessGroup, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+        self.cfg = cfg
+        self.tp_group = tp_group
+        self.tp_size, self.tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        self.linears = TPLinears(tp_group, dtype)
+        self.vocab_size = cfg.vocab_size
+        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, self.tp_size)
+        self.local_vocab = self.padded_vocab_size // self.tp_size
+        self.embed_tokens = VocabParallelEmbedding(
+            self.padded_vocab_size, cfg.hidden_size, init_method=_noinit,
+            config=_mp_config(self.tp_size, dtype), tp_group=tp_group)
+        self.new_embed = nn.Embedding(NUM_NEW_TOKENS, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.linears) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.tie_embeddings:
+            self.lm_head = ColumnLinear(cfg.hidden_size, self.padded_vocab_size, config=_mp_config(self.tp_size, dtype),
+                                        init_method=_noinit, bias=False, gather_output=False,
+                                        skip_weight_param_allocation=True, tp_group=tp_group)
+            self.new_head = None  # IDEFICS ties the decoupled output rows to the decoupled embedding
+        else:
+            self.lm_head = self.linears.column(cfg.hidden_size, self.padded_vocab_size)
+            self.new_head = nn.Linear(cfg.hidden_size, NUM_NEW_TOKENS, bias=False)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [m for m in (self.new_embed, self.new_head) if m is not None]
+
+    def embed(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        is_new_BT = input_ids_BT >= self.vocab_size
+        base_BTD = self.embed_tokens(input_ids_BT)
+        new_BTD = self.new_embed((input_ids_BT - self.vocab_size).clamp(0, NUM_NEW_TOKENS - 1))
+        return torch.where(is_new_BT[..., None], new_BTD.to(base_BTD.dtype), base_BTD)
+
+    def rope(self, position_ids_BT: torch.Tensor, dtype: torch.dtype):
+        return rope_cos_sin(position_ids_BT, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+
+    def logits_parallel(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Final norm and head: this rank's vocabulary shard [B, T, Vp/tp], with the new tokens'
+        rows from the decoupled head and -inf on padded rows."""
+        h_BTD = self.norm(x_BTD)
+        if self.cfg.tie_embeddings:
+            logits = self.lm_head(h_BTD, weight=self.embed_tokens.weight)
+            new_weight = self.new_embed.weight
+        else:
+            logits = self.lm_head(h_BTD)
+            new_weight = self.new_head.weight
+        new_BT2 = nn.functional.linear(h_BTD, new_weight.to(h_BTD.dtype))
+        start, V, n = self.tp_rank * self.local_vocab, self.vocab_size, self.local_vocab
+        lo, hi = min(max(V - start, 0), n), min(max(V + NUM_NEW_TOKENS - start, 0), n)
+        if lo == hi and hi == n:  # this shard holds neither new nor padded rows
+            return logits
+        k0 = start + lo - V
+        pad = torch.full_like(logits[..., hi:], float("-inf"))
+        return torch.cat([logits[..., :lo], new_BT2[..., k0: k0 + hi - lo], pad], dim=-1)
+
+    def gather_logits(self, logits_BTv: torch.Tensor) -> torch.Tensor:
+        """Full logits [B, T, V+2] (the IDEFICS output width) from the per-rank shards."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        if self.tp_size > 1:
+            logits_BTv = gather_from_tensor_model_parallel_region(logits_BTv, group=self.tp_group)
+        return logits_BTv[..., : self.vocab_size + NUM_NEW_TOKENS]
+
+
+def vocab_parallel_loss(logits_BTv: torch.Tensor, labels_BT: torch.Tensor, z_loss: float,
+                        tp_group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy over vocab-parallel logits (labels aligned with input ids,
+    -100 ignored). Returns (summed CE, summed z-loss term, number of predicted tokens)."""
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region, vocab_parallel_cross_entropy
+
+    logits = logits_BTv[:, :-1].float()
+    targets = labels_BT[:, 1:]
+    valid = targets != -100
+    # megatron's kernel subtracts the max from its input in place: give it its own copy.
+    ce = vocab_parallel_cross_entropy(logits.clone(), targets.masked_fill(~valid, 0))
+    ce_sum = (ce * valid).sum()
+    z_sum = torch.zeros((), dtype=ce_sum.dtype, device=ce_sum.device)
+    if z_loss > 0:
+        m = logits.max(dim=-1, keepdim=True).values.detach()
+        if dist.get_world_size(tp_group) > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+        s = reduce_from_tensor_model_parallel_region((logits - m).exp().sum(-1), group=tp_group)
+        lse = s.log() + m.squeeze(-1)
+        z_sum = z_loss * (lse.pow(2) * valid).sum()
+    return ce_sum, z_sum, valid.sum()

@@ -1,0 +1,126 @@
+"""Process groups: world = TP x DP, built by megatron-core's `parallel_state`, plus the `mpu`
+adapter DeepSpeed needs so that ZeRO partitions only across data parallelism.
+
+Works unchanged under `deepspeed`, `torchrun`, SLURM (env vars set by the launcher) and a plain
+`python` (a world of one). CPU uses gloo, GPU nccl.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Layout:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(tp_size: int, timeout_minutes: int = 30) -> Layout:
+    """Initialise torch.distributed from the launcher's environment and megatron's TP/DP groups."""
+    from megatron.core import parallel_state
+
+    if "RANK" not in os.environ:  # plain `python train.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        # Share the cores among the ranks of this host rather than oversubscribing them.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    world = dist.get_world_size()
+    if world % tp_size:
+        raise ValueError(f"parallel.tensor_parallel_size ({tp_size}) must divide the world size ({world})")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size,
+                                                 create_gloo_process_groups=False)
+    return Layout(rank=dist.get_rank(), world_size=world, local_rank=local_rank, tp_size=tp_size,
+                  tp_rank=parallel_state.get_tensor_model_parallel_rank(), dp_size=world // tp_size,
+                  dp_rank=parallel_state.get_data_parallel_rank(), device=device)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tp_group() -> dist.ProcessGroup:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def dp_group() -> dist.ProcessGroup:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+class MegatronMPU:
+    """The `mpu` interface DeepSpeed reads (model- and data-parallel rank, size, group). megatron
+    0.16's parallel_state dropped `get_model_parallel_*`; with no pipeline parallelism the model
+    parallel group is the tensor-parallel group."""
+
+    def __init__(self):
+        from megatron.core import parallel_state
+
+        self.ps = parallel_state
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_group(self):
+        return None

@@ -1,0 +1,209 @@
+"""A small trainer with named phases: build, train, train_step, close.
+
+Non-finite steps: each micro-batch's "loss is finite" flag is all-reduced (MAX over the world)
+before its backward, so every rank knows together. DeepSpeed then discards the whole optimizer
+step through its own overflow path (the global gradient norm, itself a collective, is
+non-finite: gradients zeroed, optimizer and schedule untouched) and we count it. A finite loss
+whose gradient norm is not finite is discarded the same way. Too many skipped steps in a row
+stop the run with a message.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from flamingo_dist.config import JobConfig
+
+# Test hook: "STEP:RANK" makes RANK's loss NaN at optimizer step STEP (1-based).
+FAULT_NAN_ENV = "FLAMINGO_FAULT_NAN_LOSS"
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many non-finite steps, say); the message says why."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    skipped_steps: int = 0
+    consecutive_skipped: int = 0
+    tokens_seen: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _dtype(cfg: JobConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, ds_config_path: str | dict, layout):
+        self.cfg, self.layout = cfg, layout
+        self.state = TrainState()
+        self.ds_config_path = ds_config_path
+        self.tracker = None
+        self._fault = self._parse_fault(os.environ.get(FAULT_NAN_ENV))
+
+    @staticmethod
+    def _parse_fault(spec: str | None) -> tuple[int, int] | None:
+        if not spec:
+            return None
+        step, rank = spec.split(":")
+        return int(step), int(rank)
+
+    # ---------------------------------------------------------------- build
+    def build(self, track: bool = True) -> "Trainer":
+        from flamingo_dist.build import build_model
+        from flamingo_dist.data.pipeline import build_dataloader, list_shards
+        from flamingo_dist.ds_config import resolve_ds_config
+        from flamingo_dist.hf_llama import load_tokenizer, resolve_lm_config
+        from flamingo_dist.parallel import MegatronMPU, dp_group, tp_group
+        from flamingo_dist.parallelize import parallelize
+
+        cfg, lay = self.cfg, self.layout
+        for note in resolve_lm_config(cfg.model.lm):
+            self.log(note)
+        ds_config = resolve_ds_config(self.ds_config_path, cfg, lay.dp_size)
+        shards, tok_dir = self._data_paths()
+        self.tokenizer = load_tokenizer(tok_dir, cfg.model.lm.vocab_size)
+        self.model = build_model(cfg.model, tp_group(), cfg.train.seed, _dtype(cfg))
+        if self.model.vision.image_size != cfg.data.image_size:
+            raise ValueError(f"data.image_size ({cfg.data.image_size}) must equal the vision encoder's "
+                             f"input size ({self.model.vision.image_size})")
+        self.engine = parallelize(self.model, cfg, ds_config, MegatronMPU())
+        self.device = self.engine.device
+        self.dp_group = dp_group()
+        d = cfg.data
+        self.loader = build_dataloader(shards, self.tokenizer, d.seq_len, d.max_images, d.image_size,
+                                       cfg.train.micro_batch_size, lay.dp_rank, lay.dp_size, cfg.train.seed,
+                                       d.num_workers)
+        self.batches = iter(self.loader)
+        if track:
+            from flamingo_dist.tracking import Tracker
+
+            self.tracker = Tracker(cfg.tracking, cfg, lay, run_name=cfg.flavor)
+        return self
+
+    def _data_paths(self) -> tuple[list[str], str]:
+        from flamingo_dist.data.pipeline import list_shards
+        from flamingo_dist.data.synthetic import ensure_corpus
+
+        d, lay = self.cfg.data, self.layout
+        if d.shards is not None:
+            tok_dir = d.tokenizer or self.cfg.model.lm.path
+            if tok_dir is None:
+                raise ValueError("data.tokenizer: needed when data.shards is set and model.lm.path is not")
+            return list_shards(d.shards), tok_dir
+        if lay.local_rank == 0:  # one writer per host; the others wait at the barrier
+            ensure_corpus(d.synthetic_dir, d.synthetic_num_docs, seed=0, side=d.image_size)
+        dist.barrier()
+        tok_dir = d.tokenizer or self.cfg.model.lm.path or os.path.join(d.synthetic_dir, "tokenizer")
+        return list_shards(d.synthetic_dir), tok_dir
+
+    def log(self, msg: str) -> None:
+        if self.layout.rank == 0:
+            print(f"[flamingo_dist] {msg}", flush=True)
+
+    # ---------------------------------------------------------------- train
+    def train(self) -> TrainState:
+        from flamingo_dist.tracking import Progress
+
+        t = self.cfg.train
+        progress = Progress(t.steps, self.layout.rank, t.log_every)
+        try:
+            while self.state.step < t.steps:
+                metrics = self.train_step()
+                self.state.history.append(metrics)
+                progress.update(self.state.step, metrics)
+                if self.tracker is not None and self.state.step % t.log_every == 0:
+                    self.tracker.log_metrics(metrics, self.state.step)
+                if self.state.consecutive_skipped >= t.max_consecutive_skipped_steps:
+                    raise TrainingStopped(
+                        f"{self.state.consecutive_skipped} optimizer steps in a row had a non-finite loss or "
+                        f"gradient norm (train.max_consecutive_skipped_steps = {t.max_consecutive_skipped_steps}); "
+                        "stopping. Lower train.lr, check the data, or try train.precision: fp32 to debug.")
+        finally:
+            progress.close()
+        return self.state
+
+    def _next_batch(self) -> dict:
+        batch = next(self.batches)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum_steps micro-batches."""
+        t, eng = self.cfg.train, self.engine
+        step = self.state.step + 1
+        t0 = time.time()
+        lr = eng.get_lr()[0]  # the rate this step uses (the scheduler moves after an applied step)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, tokens, images, non-finite micro-batches
+        for _ in range(t.grad_accum_steps):
+            batch = self._next_batch()
+            loss, stats = eng(batch["input_ids"], batch["pixel_values"], batch["image_attention_mask"],
+                              labels_BT=batch["labels"], z_loss=t.z_loss)
+            if self._fault is not None and self._fault == (step, self.layout.rank):
+                loss = loss * float("nan")
+            bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank learns it together
+            eng.backward(loss)
+            eng.step()
+            sums += torch.tensor([loss.item() if not bad.item() else 0.0, stats["tokens"].item(),
+                                  batch["num_images"].sum().item(), bad.item()], dtype=torch.float64)
+        applied = eng.was_step_applied()
+        non_finite_loss = sums[3].item() > 0
+        if non_finite_loss and applied:
+            raise RuntimeError("internal: DeepSpeed applied an optimizer step whose loss was not finite")
+        if self.dp_group is not None and self.layout.dp_size > 1:
+            dist.all_reduce(sums, group=self.dp_group)
+        elapsed = time.time() - t0
+        self.state.step = step
+        if applied:
+            self.state.consecutive_skipped = 0
+        else:
+            self.state.skipped_steps += 1
+            self.state.consecutive_skipped += 1
+            self.log(f"step {step}: non-finite {'loss' if non_finite_loss else 'gradient norm'} on some rank; "
+                     f"step skipped on all ranks ({self.state.skipped_steps} so far)")
+        micro = t.grad_accum_steps * self.layout.dp_size
+        self.state.tokens_seen += int(sums[1].item())
+        grad_norm = eng.get_global_grad_norm()
+        metrics = {
+            "loss": sums[0].item() / max(1.0, micro - sums[3].item()) if not non_finite_loss else float("nan"),
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None and applied else float("nan"),
+            "tokens_per_s": sums[1].item() / elapsed,
+            "images_per_s": sums[2].item() / elapsed,
+            "step_time_s": elapsed,
+            "skipped_steps": float(self.state.skipped_steps),
+            "step_applied": float(applied),
+        }
+        metrics.update(self.gate_values())
+        return metrics
+
+    def gate_values(self) -> dict[str, float]:
+        """tanh(alpha) of every gate (mean over channels for per-channel gates)."""
+        out = {}
+        for i, block in self.model.xattn_blocks():
+            for name in ("alpha_cross_attn", "alpha_dense"):
+                p = getattr(block, name)
+                value = _full_param(p)
+                out[f"gate/{name.removeprefix('alpha_')}/layer{i}"] = torch.tanh(value.float()).mean().item()
+        return out
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.tracker is not None:
+            self.tracker.close(status)
+
+
+def _full_param(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value, also under ZeRO-3 (where each rank holds a partition)."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().clone()
+    return p.detach()
