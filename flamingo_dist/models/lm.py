@@ -186,12 +186,23 @@ class TPLlama(nn.Module):
         pad = torch.full_like(logits[..., hi:], float("-inf"))
         return torch.cat([logits[..., :lo], new_BT2[..., k0: k0 + hi - lo], pad], dim=-1)
 
+    def forward(self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """The bare LM (no media): this rank's logits shard [B, T, Vp/tp]."""
+        x_BTD = self.embed(input_ids_BT)
+        if position_ids_BT is None:
+            position_ids_BT = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device).expand_as(input_ids_BT)
+        cos, sin = self.rope(position_ids_BT, x_BTD.dtype)
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, cos, sin)
+        return self.logits_parallel(x_BTD)
+
     def gather_logits(self, logits_BTv: torch.Tensor) -> torch.Tensor:
         """Full logits [B, T, V+2] (the IDEFICS output width) from the per-rank shards."""
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
+        # megatron's gather_from_tensor_model_parallel_region allocates on torch.cuda.current_device().
         if self.tp_size > 1:
-            logits_BTv = gather_from_tensor_model_parallel_region(logits_BTv, group=self.tp_group)
+            from torch.distributed.nn.functional import all_gather
+
+            logits_BTv = torch.cat(all_gather(logits_BTv.contiguous(), group=self.tp_group), dim=-1)
         return logits_BTv[..., : self.vocab_size + NUM_NEW_TOKENS]
 
 

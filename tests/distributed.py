@@ -1,0 +1,50 @@
+"""Run a function on N gloo ranks (torch.multiprocessing spawn), for multi-process unit tests."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, tp: int, fn, args, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from flamingo_dist.parallel import destroy_distributed, init_distributed
+
+    try:
+        layout = init_distributed(tp)
+        result = fn(layout, *args)
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(("ok", result), f)
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(("error", traceback.format_exc()), f)
+        raise
+    finally:
+        destroy_distributed()
+
+
+def run_distributed(fn, world: int, tp: int, tmp_path, *args) -> list:
+    """fn(layout, *args) on each rank; returns the per-rank results (fn must be importable)."""
+    out_dir = str(tmp_path)
+    os.makedirs(out_dir, exist_ok=True)
+    mp.start_processes(_worker, args=(world, _free_port(), tp, fn, args, out_dir), nprocs=world,
+                       join=True, start_method="spawn")
+    results = []
+    for r in range(world):
+        with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:
+            status, value = pickle.load(f)
+        if status != "ok":
+            raise AssertionError(f"rank {r} failed:\n{value}")
+        results.append(value)
+    return results

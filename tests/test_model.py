@@ -1,0 +1,156 @@
+"""Model semantics on one process: gates at zero, image masking, activation checkpointing."""
+
+import pytest
+import torch
+
+from flamingo_dist.config import load_config
+
+
+@pytest.fixture(scope="module")
+def world1():
+    from flamingo_dist.parallel import destroy_distributed, init_distributed
+
+    layout = init_distributed(1)
+    yield layout
+    destroy_distributed()
+
+
+def build(world1, **sets):
+    from flamingo_dist.build import build_model
+    from flamingo_dist.parallel import tp_group
+
+    cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
+    return build_model(cfg.model, tp_group(), seed=3, dtype=torch.float32).eval(), cfg
+
+
+def set_gates(model, value: float) -> None:
+    with torch.no_grad():
+        for _, block in model.xattn_blocks():
+            block.alpha_cross_attn.fill_(value)
+            block.alpha_dense.fill_(value)
+
+
+def two_image_batch(V: int, T: int = 24, p1: int = 5, p2: int = 13):
+    """One sequence with <image> tokens at p1 and p2 (each wrapped in fake tokens) and the IDEFICS
+    image mask: tokens p1..p2-1 see image 0, tokens from p2 on see image 1."""
+    from flamingo_dist.data.layout import image_attention_mask
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, V, (1, T), generator=g)
+    ids[0, 0] = 1
+    for p in (p1, p2):
+        ids[0, p - 1], ids[0, p], ids[0, p + 1] = V, V + 1, V
+    mask = image_attention_mask(ids, V + 1, 2, num_images=2)
+    return ids, mask
+
+
+def test_zero_gates_give_the_bare_lm_exactly(world1):
+    model, cfg = build(world1)
+    V = cfg.model.lm.vocab_size
+    ids, mask = two_image_batch(V)
+    pixels = torch.randn(1, 2, 3, 32, 32)
+    with torch.no_grad():
+        flamingo = model.logits(ids, pixels, mask)
+        bare = model.lm.gather_logits(model.lm(ids))
+    assert model.xattn_layer_indices == [0, 2]
+    assert torch.equal(flamingo, bare)
+    set_gates(model, 0.5)  # and the comparison is not vacuous:
+    with torch.no_grad():
+        assert not torch.equal(model.logits(ids, pixels, mask), bare)
+
+
+@pytest.mark.parametrize("alpha_type", ["float", "vector"])
+def test_image1_does_not_reach_cross_attention_at_or_after_image2(world1, alpha_type):
+    model, cfg = build(world1, **{"model.xattn.alpha_type": alpha_type})
+    set_gates(model, 0.5)
+    V, p1, p2 = cfg.model.lm.vocab_size, 5, 13
+    ids, mask = two_image_batch(V, p1=p1, p2=p2)
+    pixels_a = torch.randn(1, 2, 3, 32, 32)
+    pixels_b = pixels_a.clone()
+    pixels_b[0, 0] = torch.randn(3, 32, 32)  # change image 1 only
+    from flamingo_dist.models.xattn import expand_image_mask
+
+    with torch.no_grad():
+        media_a, media_b = model.encode_media(pixels_a), model.encode_media(pixels_b)
+        bias, has_image = expand_image_mask(mask, model.num_latents, torch.float32)
+        x = torch.randn(1, ids.shape[1], cfg.model.lm.hidden_size)
+        for i, block in model.xattn_blocks():
+            out_a, out_b = block(x, media_a, bias, has_image), block(x, media_b, bias, has_image)
+            assert torch.equal(out_a[:, p2:], out_b[:, p2:]), f"block {i}: image 1 leaked past image 2"
+            assert not torch.equal(out_a[:, p1:p2], out_b[:, p1:p2]), f"block {i}: image 1 unused"
+            assert torch.equal(out_a[:, :p1], out_b[:, :p1])
+
+
+def test_no_logit_before_the_first_image_depends_on_any_image(world1):
+    model, cfg = build(world1)
+    set_gates(model, 0.5)
+    ids, mask = two_image_batch(cfg.model.lm.vocab_size, p1=5, p2=13)
+    with torch.no_grad():
+        a = model.logits(ids, torch.randn(1, 2, 3, 32, 32), mask)
+        b = model.logits(ids, torch.randn(1, 2, 3, 32, 32), mask)
+    assert torch.equal(a[:, :5], b[:, :5])
+    assert not torch.equal(a[:, 5:], b[:, 5:])
+
+
+def test_tokens_without_image_get_zero_cross_attention_but_pass_the_mlp(world1):
+    from flamingo_dist.models.xattn import expand_image_mask
+
+    model, cfg = build(world1)
+    set_gates(model, 0.5)
+    _, block = model.xattn_blocks()[0]
+    T, D = 6, cfg.model.lm.hidden_size
+    x = torch.randn(1, T, D)
+    media = torch.randn(1, model.num_latents, model.vision.width)
+    mask = torch.zeros(1, T, 1, dtype=torch.long)
+    bias, has_image = expand_image_mask(mask, model.num_latents, torch.float32)
+    with torch.no_grad():
+        out = block(x, media, bias, has_image)
+        mlp_only = x + torch.tanh(block.alpha_dense) * block.down_proj(
+            torch.nn.functional.silu(block.gate_proj(block.post_attention_layernorm(x)))
+            * block.up_proj(block.post_attention_layernorm(x)))
+    assert torch.equal(out, mlp_only)
+
+
+@pytest.mark.parametrize("placement,expected", [("idefics", [0, 2]), ("openflamingo", [1, 3])])
+def test_placement(placement, expected):
+    from flamingo_dist.config import xattn_layer_indices
+
+    cfg = load_config(None, [f"model.xattn.placement={placement}"])
+    assert xattn_layer_indices(cfg.model) == expected
+    cfg = load_config(None, ["model.xattn.placement=explicit", "model.xattn.layers=[3, 1]"])
+    assert xattn_layer_indices(cfg.model) == [1, 3]
+
+
+def test_activation_checkpointing_gives_the_same_gradients(world1):
+    from flamingo_dist.parallelize import apply_activation_checkpointing, apply_freeze
+
+    model, cfg = build(world1)
+    set_gates(model, 0.3)
+    apply_freeze(model)
+    model.train()
+    ids, mask = two_image_batch(cfg.model.lm.vocab_size)
+    pixels = torch.randn(1, 2, 3, 32, 32)
+    labels = ids.clone()
+
+    def grads(m):
+        m.zero_grad(set_to_none=True)
+        loss, _ = m(ids, pixels, mask, labels_BT=labels)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    plain = grads(model)
+    ckpt_model, _ = build(world1)  # same seed: the same weights
+    set_gates(ckpt_model, 0.3)
+    apply_freeze(ckpt_model)
+    ckpt_model.train()
+    apply_activation_checkpointing(ckpt_model)
+    calls = []
+    ckpt_model.layers[1].decoder.register_forward_pre_hook(lambda *a: calls.append(1))
+    ckpt = grads(ckpt_model)
+    assert len(calls) == 2, "activation checkpointing did not recompute the layer in backward"
+    assert plain.keys() == ckpt.keys() and len(plain) > 0
+    for name in plain:
+        assert plain[name].abs().sum() > 0, f"{name}: no gradient at all"
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=0, msg=name)
+    # the frozen parts got no gradient
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
