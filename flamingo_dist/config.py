@@ -248,6 +248,11 @@ def _merge(obj: Any, values: dict, prefix: str, errors: list[str]) -> None:
         else:
             if isinstance(current, tuple) and isinstance(value, list):
                 value = tuple(value)
+            if isinstance(current, float) and isinstance(value, str):
+                try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+                    value = float(value)
+                except ValueError:
+                    pass
             setattr(obj, key, value)
 
 

@@ -25,7 +25,9 @@ def _debug() -> JobConfig:
             resampler=ResamplerConfig(num_latents=8, depth=2, num_heads=4, head_dim=16),
             xattn=XAttnConfig(cross_layer_interval=2),
         ),
-        train=TrainConfig(steps=20, micro_batch_size=2, lr=1e-3, warmup_steps=2),
+        # A high rate: the gates start at 0 and must open within a few dozen steps for the
+        # loss to move visibly in a demo.
+        train=TrainConfig(steps=20, micro_batch_size=4, lr=1e-2, warmup_steps=3),
         data=DataConfig(seq_len=64, max_images=3, image_size=32),
     )
 

@@ -10,6 +10,7 @@ stop the run with a message.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ import torch.distributed as dist
 
 from flamingo_dist.config import JobConfig
 
-# Test hook: "STEP:RANK" makes RANK's loss NaN at optimizer step STEP (1-based).
+# Fault injection for tests: "STEP:RANK" or "FIRST-LAST:RANK" makes RANK's loss NaN at those
+# optimizer steps (1-based).
 FAULT_NAN_ENV = "FLAMINGO_FAULT_NAN_LOSS"
 
 
@@ -49,11 +51,12 @@ class Trainer:
         self._fault = self._parse_fault(os.environ.get(FAULT_NAN_ENV))
 
     @staticmethod
-    def _parse_fault(spec: str | None) -> tuple[int, int] | None:
+    def _parse_fault(spec: str | None) -> tuple[range, int] | None:
         if not spec:
             return None
-        step, rank = spec.split(":")
-        return int(step), int(rank)
+        steps, rank = spec.split(":")
+        first, _, last = steps.partition("-")
+        return range(int(first), int(last or first) + 1), int(rank)
 
     # ---------------------------------------------------------------- build
     def build(self, track: bool = True) -> "Trainer":
@@ -119,8 +122,10 @@ class Trainer:
                 metrics = self.train_step()
                 self.state.history.append(metrics)
                 progress.update(self.state.step, metrics)
-                if self.tracker is not None and self.state.step % t.log_every == 0:
-                    self.tracker.log_metrics(metrics, self.state.step)
+                if self.state.step % t.log_every == 0:
+                    self._write_metrics(metrics)
+                    if self.tracker is not None:
+                        self.tracker.log_metrics(metrics, self.state.step)
                 if self.state.consecutive_skipped >= t.max_consecutive_skipped_steps:
                     raise TrainingStopped(
                         f"{self.state.consecutive_skipped} optimizer steps in a row had a non-finite loss or "
@@ -129,6 +134,14 @@ class Trainer:
         finally:
             progress.close()
         return self.state
+
+    def _write_metrics(self, metrics: dict) -> None:
+        """Rank 0 appends one JSON line per logged step to run_dir/metrics.jsonl (machine-readable
+        progress beside MLflow)."""
+        if self.layout.rank == 0:
+            os.makedirs(self.cfg.tracking.run_dir, exist_ok=True)
+            with open(os.path.join(self.cfg.tracking.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": self.state.step, **metrics}) + "\n")
 
     def _next_batch(self) -> dict:
         batch = next(self.batches)
@@ -140,19 +153,23 @@ class Trainer:
         step = self.state.step + 1
         t0 = time.time()
         lr = eng.get_lr()[0]  # the rate this step uses (the scheduler moves after an applied step)
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, tokens, images, non-finite micro-batches
+        # Token-weighted sums over micro-batches (and below, data-parallel ranks), so layouts with
+        # the same global batch log the same loss: loss*tokens, tokens, images, non-finite flags.
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # on device: nccl needs it
         for _ in range(t.grad_accum_steps):
             batch = self._next_batch()
             loss, stats = eng(batch["input_ids"], batch["pixel_values"], batch["image_attention_mask"],
                               labels_BT=batch["labels"], z_loss=t.z_loss)
-            if self._fault is not None and self._fault == (step, self.layout.rank):
+            if self._fault is not None and step in self._fault[0] and self.layout.rank == self._fault[1]:
                 loss = loss * float("nan")
-            bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+            bad = (~torch.isfinite(loss.detach())).float().reshape(1)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank learns it together
             eng.backward(loss)
             eng.step()
-            sums += torch.tensor([loss.item() if not bad.item() else 0.0, stats["tokens"].item(),
-                                  batch["num_images"].sum().item(), bad.item()], dtype=torch.float64)
+            tokens = stats["tokens"].item()
+            sums += torch.tensor([0.0 if bad.item() else loss.item() * tokens, tokens,
+                                  batch["num_images"].sum().item(), bad.item()], dtype=torch.float64,
+                                 device=self.device)
         applied = eng.was_step_applied()
         non_finite_loss = sums[3].item() > 0
         if non_finite_loss and applied:
@@ -168,11 +185,10 @@ class Trainer:
             self.state.consecutive_skipped += 1
             self.log(f"step {step}: non-finite {'loss' if non_finite_loss else 'gradient norm'} on some rank; "
                      f"step skipped on all ranks ({self.state.skipped_steps} so far)")
-        micro = t.grad_accum_steps * self.layout.dp_size
         self.state.tokens_seen += int(sums[1].item())
         grad_norm = eng.get_global_grad_norm()
         metrics = {
-            "loss": sums[0].item() / max(1.0, micro - sums[3].item()) if not non_finite_loss else float("nan"),
+            "loss": sums[0].item() / max(1.0, sums[1].item()) if not non_finite_loss else float("nan"),
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None and applied else float("nan"),
             "tokens_per_s": sums[1].item() / elapsed,
@@ -190,7 +206,7 @@ class Trainer:
         for i, block in self.model.xattn_blocks():
             for name in ("alpha_cross_attn", "alpha_dense"):
                 p = getattr(block, name)
-                value = _full_param(p)
+                value = full_param(p)
                 out[f"gate/{name.removeprefix('alpha_')}/layer{i}"] = torch.tanh(value.float()).mean().item()
         return out
 
@@ -199,7 +215,7 @@ class Trainer:
             self.tracker.close(status)
 
 
-def _full_param(p: torch.Tensor) -> torch.Tensor:
+def full_param(p: torch.Tensor) -> torch.Tensor:
     """A parameter's full value, also under ZeRO-3 (where each rank holds a partition)."""
     if hasattr(p, "ds_id"):
         import deepspeed

@@ -1,0 +1,94 @@
+"""The training step on 1-2 gloo ranks through DeepSpeed: freezing, the optimizer's contents,
+and non-finite steps skipped together on every rank."""
+
+import os
+
+import pytest
+import torch
+
+from distributed import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_trainer(layout, corpus, run_dir, stage, *sets):
+    from flamingo_dist.config import load_config
+    from flamingo_dist.trainer import Trainer
+
+    cfg = load_config(None, [f"data.synthetic_dir={corpus}", f"tracking.run_dir={run_dir}", "tracking.mlflow=false",
+                             f"parallel.tensor_parallel_size={layout.tp_size}", *sets])
+    return Trainer(cfg, os.path.join(REPO, "ds_configs", f"zero{stage}.json"), layout).build(track=False)
+
+
+def snapshot(model, trainable: bool):
+    from flamingo_dist.trainer import full_param
+
+    return {n: full_param(p).clone() for n, p in model.named_parameters() if p.requires_grad == trainable}
+
+
+def _freeze_case(layout, corpus, run_dir, stage):
+    trainer = make_trainer(layout, corpus, run_dir, stage, "train.steps=4", "train.weight_decay=0.0")
+    frozen0, train0 = snapshot(trainer.model, False), snapshot(trainer.model, True)
+    trainer.train()
+    frozen1, train1 = snapshot(trainer.model, False), snapshot(trainer.model, True)
+    opt = trainer.engine.optimizer
+    groups = opt.bit16_groups if stage < 3 else opt.fp16_groups
+    in_optimizer = {id(p) for g in groups for p in g}
+    trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    return {
+        "frozen_changed": [n for n in frozen0 if not torch.equal(frozen0[n], frozen1[n])],
+        "trainable_unchanged": [n for n in train0 if torch.equal(train0[n], train1[n])],
+        "optimizer_equals_trainable": in_optimizer == trainable,
+        "n_frozen": len(frozen0), "n_trainable": len(train0),
+        "frozen_dtypes": sorted({str(t.dtype) for t in frozen1.values()}),
+    }
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_frozen_weights_stay_bit_identical_and_only_trainables_are_optimized(stage, synthetic_corpus, tmp_path):
+    (res,) = run_distributed(_freeze_case, 1, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"), stage)
+    assert res["n_frozen"] > 50 and res["n_trainable"] > 20
+    assert res["frozen_changed"] == []
+    assert res["trainable_unchanged"] == []
+    assert res["optimizer_equals_trainable"]
+    assert res["frozen_dtypes"] == ["torch.bfloat16"]  # the default precision keeps frozen weights in bf16
+
+
+def _nan_case(layout, corpus, run_dir):
+    os.environ["FLAMINGO_FAULT_NAN_LOSS"] = "2:1"  # rank 1's loss is NaN at step 2
+    trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=3", "train.grad_accum_steps=2")
+    out = []
+    for _ in range(3):
+        before = snapshot(trainer.model, True)
+        m = trainer.train_step()
+        after = snapshot(trainer.model, True)
+        out.append({"applied": m["step_applied"], "skipped": m["skipped_steps"],
+                    "unchanged": all(torch.equal(before[n], after[n]) for n in before)})
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tp, synthetic_corpus, tmp_path):
+    results = run_distributed(_nan_case, 2, tp, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"))
+    for rank, steps in enumerate(results):
+        assert [s["applied"] for s in steps] == [1.0, 0.0, 1.0], f"rank {rank}: {steps}"
+        assert [s["skipped"] for s in steps] == [0.0, 1.0, 1.0], f"rank {rank}"
+        assert [s["unchanged"] for s in steps] == [False, True, False], f"rank {rank}"
+
+
+def _stop_case(layout, corpus, run_dir):
+    from flamingo_dist.trainer import TrainingStopped
+
+    os.environ["FLAMINGO_FAULT_NAN_LOSS"] = "2-99:0"
+    trainer = make_trainer(layout, corpus, run_dir, 1, "train.steps=10", "train.max_consecutive_skipped_steps=3")
+    try:
+        trainer.train()
+    except TrainingStopped as e:
+        return trainer.state.step, str(e)
+    return trainer.state.step, None
+
+
+def test_too_many_skipped_steps_stop_every_rank_with_a_message(synthetic_corpus, tmp_path):
+    results = run_distributed(_stop_case, 2, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"))
+    for step, msg in results:
+        assert step == 4 and msg is not None and "max_consecutive_skipped_steps" in msg
