@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Each creates or reuses a virtual
+# environment and installs only what is missing (a stamp file remembers the last install, so a
+# second run goes straight to the work).
+PYTHON ?= python3
+VENV ?= .venv
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build. 2.14.1 and
+# torchvision 0.29.1 are the builds this project is tested with (open_clip needs torchvision).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.flamingo_dist-installed
+
+.PHONY: demo test install clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Trains the debug flavor on CPU (or GPU) on the generated synthetic corpus, logging to
+# runs/debug/mlflow.db (browse with: $(BIN)/mlflow ui --backend-store-uri sqlite:///runs/debug/mlflow.db).
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/deepspeed flamingo_dist/train.py --deepspeed ds_configs/zero2.json
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf runs/debug data/synthetic
