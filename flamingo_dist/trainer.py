@@ -102,7 +102,12 @@ class Trainer:
                 raise ValueError("data.tokenizer: needed when data.shards is set and model.lm.path is not")
             return list_shards(d.shards), tok_dir
         if lay.local_rank == 0:  # one writer per host; the others wait at the barrier
-            ensure_corpus(d.synthetic_dir, d.synthetic_num_docs, seed=0, side=d.image_size)
+            vocab = self.cfg.model.lm.vocab_size if self.cfg.model.lm.path is None else None
+            if vocab is None:
+                raise ValueError("data.shards: the synthetic corpus is only for random LMs; with model.lm.path "
+                                 "give data.shards and data.tokenizer (the corpus's word tokenizer cannot "
+                                 "stand in for the checkpoint's)")
+            ensure_corpus(d.synthetic_dir, d.synthetic_num_docs, seed=0, side=d.image_size, vocab_size=vocab)
         dist.barrier()
         tok_dir = d.tokenizer or self.cfg.model.lm.path or os.path.join(d.synthetic_dir, "tokenizer")
         return list_shards(d.synthetic_dir), tok_dir

@@ -79,12 +79,12 @@ def make_document(rng: random.Random, max_images: int = 3, side: int = 32) -> tu
 
 
 def write_corpus(out_dir: str, num_docs: int = 256, docs_per_shard: int = 64, seed: int = 0,
-                 side: int = 32) -> list[str]:
+                 side: int = 32, vocab_size: int = VOCAB_SIZE) -> list[str]:
     """Write tokenizer/ and shard-NNNNN.tar files to out_dir; returns the shard paths."""
     import webdataset as wds
 
     os.makedirs(out_dir, exist_ok=True)
-    build_tokenizer(os.path.join(out_dir, "tokenizer"))
+    build_tokenizer(os.path.join(out_dir, "tokenizer"), vocab_size)
     rng = random.Random(seed)
     paths = []
     for s in range(0, num_docs, docs_per_shard):
@@ -104,12 +104,27 @@ def write_corpus(out_dir: str, num_docs: int = 256, docs_per_shard: int = 64, se
         os.replace(tmp, path)  # a crash never leaves a half-written shard behind
         paths.append(path)
     with open(os.path.join(out_dir, "DONE"), "w") as f:
-        json.dump({"num_docs": num_docs, "seed": seed, "shards": len(paths)}, f)
+        json.dump(_recipe(num_docs, seed, side, vocab_size), f)
     return paths
 
 
-def ensure_corpus(out_dir: str, num_docs: int, seed: int = 0, side: int = 32) -> str:
-    """Generate the corpus unless a complete one (marked DONE) is there; returns out_dir."""
-    if not os.path.isfile(os.path.join(out_dir, "DONE")):
-        write_corpus(out_dir, num_docs=num_docs, seed=seed, side=side)
+def _recipe(num_docs: int, seed: int, side: int, vocab_size: int) -> dict:
+    return {"num_docs": num_docs, "seed": seed, "image_size": side, "vocab_size": vocab_size}
+
+
+def ensure_corpus(out_dir: str, num_docs: int, seed: int = 0, side: int = 32, vocab_size: int = VOCAB_SIZE) -> str:
+    """Generate the corpus unless a complete one (marked DONE) is there; a complete one made
+    with other settings is an error rather than silently reused."""
+    done = os.path.join(out_dir, "DONE")
+    want = _recipe(num_docs, seed, side, vocab_size)
+    if not os.path.isfile(done):
+        write_corpus(out_dir, num_docs=num_docs, seed=seed, side=side, vocab_size=vocab_size)
+        return out_dir
+    with open(done) as f:
+        have = json.load(f)
+    # Size and seed only change how much data there is; image size and vocabulary must match.
+    if any(have.get(k) != want[k] for k in ("image_size", "vocab_size")):
+        raise ValueError(f"data.synthetic_dir: {out_dir} holds a synthetic corpus made with {have}, but this run "
+                         f"needs {want} (image size and vocabulary follow the model); delete it or choose "
+                         "another data.synthetic_dir")
     return out_dir

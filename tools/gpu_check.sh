@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# GPU-only checks and benchmarks, in one call on a lent GPU machine (see /work/.library/device):
+# the entry point under torchrun with nccl, then tools/benchmark.py on the debug flavor (bf16 and
+# fp32) and on the 3b flavor (random weights, bf16, ZeRO-2). Needs the wheels in .whl/ (deepspeed,
+# megatron-core, open_clip, webdataset and their missing deps). Results land in $OUT.
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, deepspeed, megatron.core, open_clip; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
+common=(--set tracking.mlflow=false --set data.synthetic_dir=/tmp/synth_debug)
+
+echo "== entry point, debug flavor, nccl"
+timeout 240 torchrun --nproc_per_node 1 flamingo_dist/train.py --deepspeed ds_configs/zero2.json "${common[@]}" \
+  --set tracking.run_dir="$OUT/debug_run" > "$OUT/train_debug.log" 2>&1; echo "exit $?"
+grep -E "^step (1|20)/|done:|Error|error" "$OUT/train_debug.log" | head -5
+
+for prec in bf16 fp32; do
+  echo "== benchmark debug $prec"
+  timeout 200 torchrun --nproc_per_node 1 tools/benchmark.py --deepspeed ds_configs/zero2.json "${common[@]}" \
+    --set train.precision=$prec --warmup 5 --steps 20 --out "$OUT/bench_debug_$prec.json" > "$OUT/bench_debug_$prec.log" 2>&1
+  echo "exit $?"; grep -E "tokens_per_s|mfu|step_time|memory" "$OUT/bench_debug_$prec.log"
+done
+
+if [ "${SKIP_BIG:-0}" != 1 ]; then
+  echo "== benchmark 3b bf16 (random weights)"
+  timeout 300 torchrun --nproc_per_node 1 tools/benchmark.py --deepspeed ds_configs/zero2.json \
+    --set flavor=3b --set tracking.mlflow=false --set data.synthetic_dir=/tmp/synth_3b --set data.synthetic_num_docs=128 \
+    --set train.micro_batch_size=8 --set train.activation_checkpointing=false --set data.num_workers=4 \
+    --warmup 3 --steps 10 --out "$OUT/bench_3b_bf16.json" > "$OUT/bench_3b_bf16.log" 2>&1
+  echo "exit $?"; tail -20 "$OUT/bench_3b_bf16.log"
+fi
