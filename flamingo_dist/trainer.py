@@ -1,7 +1,7 @@
 """A small trainer with named phases: build, train, train_step, close.
 
-Non-finite steps: each micro-batch's "loss is finite" flag is all-reduced (MAX over the world)
-before its backward, so every rank knows together. DeepSpeed then discards the whole optimizer
+Non-finite steps: each micro-batch's "loss is finite" flag is all-reduced over the world before
+its backward, so every rank knows together. DeepSpeed then discards the whole optimizer
 step through its own overflow path (the global gradient norm, itself a collective, is
 non-finite: gradients zeroed, optimizer and schedule untouched) and we count it. A finite loss
 whose gradient norm is not finite is discarded the same way. Too many skipped steps in a row
@@ -167,13 +167,19 @@ class Trainer:
                               labels_BT=batch["labels"], z_loss=t.z_loss)
             if self._fault is not None and step in self._fault[0] and self.layout.rank == self._fault[1]:
                 loss = loss * float("nan")
-            bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank learns it together
-            eng.backward(loss)
+            # One collective per micro-batch: is the loss finite on every rank, and how many
+            # labelled tokens does the global micro-batch hold (TP ranks count the same tokens).
+            tokens = stats["tokens"].to(torch.float32)
+            agree = torch.stack([(~torch.isfinite(loss.detach())).float(), tokens])
+            dist.all_reduce(agree)
+            bad = agree[0].item() > 0
+            global_tokens = max(1.0, agree[1].item() / self.layout.tp_size)
+            # DeepSpeed averages gradients over DP ranks; weighting each rank's mean loss by its
+            # share of the tokens makes the gradient the global token mean, whatever the layout.
+            eng.backward(loss * (tokens * self.layout.dp_size / global_tokens))
             eng.step()
-            tokens = stats["tokens"].item()
-            sums += torch.tensor([0.0 if bad.item() else loss.item() * tokens, tokens,
-                                  batch["num_images"].sum().item(), bad.item()], dtype=torch.float64,
+            sums += torch.tensor([0.0 if bad else loss.item() * tokens.item(), tokens.item(),
+                                  batch["num_images"].sum().item(), float(bad)], dtype=torch.float64,
                                  device=self.device)
         applied = eng.was_step_applied()
         non_finite_loss = sums[3].item() > 0

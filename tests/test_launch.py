@@ -28,7 +28,7 @@ def metrics(run_dir):
 
 # (stage, tp, dp): every ZeRO stage with TP in {1, 2} x DP in {1, 2}
 MATRIX = [(s, tp, dp) for s in (1, 2, 3) for tp in (1, 2) for dp in (1, 2)]
-FIRST_LOSS_TOL = 1e-5  # fp32: layouts differ only in reduction order
+LAYOUT_TOL = 1e-5  # fp32: layouts differ only in reduction order (seen: <= 4e-7 relative)
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +55,14 @@ def test_debug_trains_and_loss_falls(matrix_runs, stage, tp, dp):
     assert last < first - 0.3, f"loss did not fall: {[round(s['loss'], 3) for s in m]}"
 
 
-def test_first_step_loss_agrees_across_stages_and_layouts(matrix_runs):
-    ref = matrix_runs[(2, 1, 1)][0]["loss"]
+def test_loss_and_grad_norm_agree_across_stages_and_layouts(matrix_runs):
+    """Same weights, same global batch, token-mean gradients: the first-step loss, and in fact
+    every step's loss and gradient norm, agree in every ZeRO stage and TP x DP layout."""
+    ref = matrix_runs[(2, 1, 1)]
     for key, m in matrix_runs.items():
-        assert abs(m[0]["loss"] - ref) <= FIRST_LOSS_TOL * abs(ref), f"{key}: {m[0]['loss']} vs {ref}"
+        for step, (got, want) in enumerate(zip(m, ref), start=1):
+            for k in ("loss", "grad_norm"):
+                assert abs(got[k] - want[k]) <= LAYOUT_TOL * abs(want[k]), f"{key} step {step} {k}: {got[k]} vs {want[k]}"
 
 
 def mlflow_contents(db_path):

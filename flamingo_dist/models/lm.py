@@ -85,12 +85,26 @@ def _row_cls():
     return _Row
 
 
+def _mark_sharded(weight: torch.Tensor | None, dim: int) -> None:
+    """megatron sets `tensor_model_parallel`/`partition_dim` only when it initialises the weight
+    itself; we skip that (weights are loaded or drawn full-size and sliced), so set them here.
+    DeepSpeed's gradient norm and our initialisation read them."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    if weight is not None:
+        set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
+
+
 def ColumnLinear(*args, **kwargs) -> nn.Module:  # noqa: N802 (a constructor)
-    return _column_cls()(*args, **kwargs)
+    layer = _column_cls()(*args, **kwargs)
+    _mark_sharded(layer.weight, 0)
+    return layer
 
 
 def RowLinear(*args, **kwargs) -> nn.Module:  # noqa: N802
-    return _row_cls()(*args, **kwargs)
+    layer = _row_cls()(*args, **kwargs)
+    _mark_sharded(layer.weight, 1)
+    return layer
 
 
 class DecoderLayer(nn.Module):
@@ -143,6 +157,7 @@ class TPLlama(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(
             self.padded_vocab_size, cfg.hidden_size, init_method=_noinit,
             config=_mp_config(self.tp_size, dtype), tp_group=tp_group)
+        _mark_sharded(self.embed_tokens.weight, 0)
         self.new_embed = nn.Embedding(NUM_NEW_TOKENS, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.linears) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -180,11 +195,7 @@ class TPLlama(nn.Module):
         new_BT2 = nn.functional.linear(h_BTD, new_weight.to(h_BTD.dtype))
         start, V, n = self.tp_rank * self.local_vocab, self.vocab_size, self.local_vocab
         lo, hi = min(max(V - start, 0), n), min(max(V + NUM_NEW_TOKENS - start, 0), n)
-        if lo == hi and hi == n:  # this shard holds neither new nor padded rows
-            return logits
-        k0 = start + lo - V
-        pad = torch.full_like(logits[..., hi:], float("-inf"))
-        return torch.cat([logits[..., :lo], new_BT2[..., k0: k0 + hi - lo], pad], dim=-1)
+        return _PlaceNewLogits.apply(logits, new_BT2, lo, hi, start + lo - V, self.tp_group, self.tp_size)
 
     def forward(self, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
         """The bare LM (no media): this rank's logits shard [B, T, Vp/tp]."""
@@ -204,6 +215,37 @@ class TPLlama(nn.Module):
 
             logits_BTv = torch.cat(all_gather(logits_BTv.contiguous(), group=self.tp_group), dim=-1)
         return logits_BTv[..., : self.vocab_size + NUM_NEW_TOKENS]
+
+
+class _PlaceNewLogits(torch.autograd.Function):
+    """Write the decoupled head's logits into columns [lo, hi) of this rank's shard and -inf
+    into the padded columns [hi, n), in place (the frozen head's output is not needed for its
+    backward). Backward: the new logits' gradient exists only on the rank that holds ids V, V+1,
+    so it is summed over TP on every rank; every rank then sees the full gradient for the
+    replicated decoupled head and for the hidden state."""
+
+    @staticmethod
+    def forward(ctx, logits, new_BT2, lo: int, hi: int, k0: int, tp_group, tp_size: int):
+        ctx.lo, ctx.hi, ctx.k0, ctx.tp_group, ctx.tp_size = lo, hi, k0, tp_group, tp_size
+        ctx.new_width = new_BT2.shape[-1]
+        if hi > lo:
+            logits[..., lo:hi] = new_BT2[..., k0: k0 + hi - lo]
+        if hi < logits.shape[-1]:
+            logits[..., hi:] = float("-inf")
+        ctx.mark_dirty(logits)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        lo, hi, k0 = ctx.lo, ctx.hi, ctx.k0
+        grad_new = torch.zeros(*grad.shape[:-1], ctx.new_width, dtype=grad.dtype, device=grad.device)
+        if lo < grad.shape[-1]:
+            grad_new[..., k0: k0 + hi - lo] = grad[..., lo:hi]
+            grad = grad.clone()
+            grad[..., lo:] = 0
+        if ctx.tp_size > 1:  # called on every rank, so the collective always matches
+            dist.all_reduce(grad_new, group=ctx.tp_group)
+        return grad, grad_new, None, None, None, None, None
 
 
 def vocab_parallel_loss(logits_BTv: torch.Tensor, labels_BT: torch.Tensor, z_loss: float,

@@ -1,0 +1,56 @@
+"""The whole Flamingo model (cross-attention blocks included, gates open) is the same function
+with the same gradients at TP=2 as at TP=1."""
+
+import torch
+
+from distributed import run_distributed
+
+
+def _forward_backward(layout):
+    from flamingo_dist.build import build_model
+    from flamingo_dist.config import load_config
+    from flamingo_dist.parallel import tp_group
+    from flamingo_dist.parallelize import apply_freeze
+
+    cfg = load_config(None, [f"parallel.tensor_parallel_size={layout.tp_size}", "model.lm.num_kv_heads=2",
+                             "model.xattn.alpha_type=vector"])
+    model = build_model(cfg.model, tp_group(), seed=7)
+    apply_freeze(model)
+    with torch.no_grad():
+        for _, block in model.xattn_blocks():
+            block.alpha_cross_attn.fill_(0.5)
+            block.alpha_dense.fill_(-0.4)
+    g = torch.Generator().manual_seed(0)
+    B, T, N, V = 2, 20, 2, cfg.model.lm.vocab_size
+    ids = torch.randint(3, V, (B, T), generator=g)
+    ids[:, 4], ids[:, 11] = V + 1, V + 1
+    from flamingo_dist.data.layout import image_attention_mask
+
+    mask = image_attention_mask(ids, V + 1, 2, N)
+    pixels = torch.randn(B, N, 3, 32, 32, generator=g)
+    loss, _ = model(ids, pixels, mask, labels_BT=ids)
+    loss.backward()
+    logits = model.logits(ids, pixels, mask)
+    grads = {}
+    group = tp_group()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        grad = p.grad
+        if getattr(p, "tensor_model_parallel", False) and layout.tp_size > 1:
+            parts = [torch.empty_like(grad) for _ in range(layout.tp_size)]
+            torch.distributed.all_gather(parts, grad.contiguous(), group=group)
+            grad = torch.cat(parts, dim=p.partition_dim)
+        grads[name] = grad
+    return loss.detach(), logits, grads
+
+
+def test_tp2_equals_tp1_in_logits_loss_and_gradients(tmp_path):
+    (ref_loss, ref_logits, ref_grads), = run_distributed(_forward_backward, 1, 1, tmp_path / "tp1")
+    for loss, logits, grads in run_distributed(_forward_backward, 2, 2, tmp_path / "tp2"):
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            assert ref_grads[name].abs().sum() > 0, name
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
