@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+
+_START = time.time()
 
 if __package__ in (None, ""):  # run as a script: import the package, not its folder's modules
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
     status = "FAILED"
     try:
         trainer.build()
-        trainer.log(f"world {layout.world_size} = TP {layout.tp_size} x DP {layout.dp_size} on {layout.device}; "
+        trainer.log(f"started in {time.time() - _START:.1f}s; "
+                    f"world {layout.world_size} = TP {layout.tp_size} x DP {layout.dp_size} on {layout.device}; "
                     f"run dir {cfg.tracking.run_dir}; MLflow run {trainer.tracker.run_id if trainer.tracker else None}")
         state = trainer.train()
         trainer.log(f"done: {state.step} steps, {state.skipped_steps} skipped, {state.tokens_seen} tokens")
