@@ -69,6 +69,8 @@ def resolve_ds_config(path_or_dict: str | dict, cfg: JobConfig, dp_size: int) ->
         errors.append(f"optimizer.type: {opt.get('type')!r}; only AdamW is supported (torch's, built by us)")
     if "scheduler" in ds:
         errors.append("scheduler: remove it; the schedule is set by train.schedule / train.warmup_steps")
+    if _get(ds, "bf16.check_grad_overflow") is False:
+        errors.append("bf16.check_grad_overflow: must stay true; a non-finite gradient norm must skip the step")
     if _get(ds, "fp16.enabled") in (True, "auto"):
         errors.append("fp16.enabled: fp16 is not supported; use train.precision: bf16 or fp32")
     for key, value in ours.items():

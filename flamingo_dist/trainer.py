@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,6 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_skipped: int = 0
     tokens_seen: int = 0
-    history: list[dict] = field(default_factory=list)
 
 
 def _dtype(cfg: JobConfig) -> torch.dtype:
@@ -125,9 +124,9 @@ class Trainer:
         try:
             while self.state.step < t.steps:
                 metrics = self.train_step()
-                self.state.history.append(metrics)
                 progress.update(self.state.step, metrics)
                 if self.state.step % t.log_every == 0:
+                    metrics.update(self.gate_values())  # a collective under ZeRO-3: same steps on all ranks
                     self._write_metrics(metrics)
                     if self.tracker is not None:
                         self.tracker.log_metrics(metrics, self.state.step)
@@ -208,7 +207,6 @@ class Trainer:
             "skipped_steps": float(self.state.skipped_steps),
             "step_applied": float(applied),
         }
-        metrics.update(self.gate_values())
         return metrics
 
     def gate_values(self) -> dict[str, float]:

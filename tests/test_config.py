@@ -77,6 +77,8 @@ def test_deepspeed_auto_is_filled_and_contradictions_are_errors():
     raw = {"scheduler": {"type": "WarmupLR"}}
     with pytest.raises(ConfigError, match="scheduler"):
         resolve_ds_config(raw, cfg, dp_size=1)
+    with pytest.raises(ConfigError, match="check_grad_overflow"):  # non-finite steps must be skipped
+        resolve_ds_config({"bf16": {"enabled": "auto", "check_grad_overflow": False}}, cfg, dp_size=1)
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])

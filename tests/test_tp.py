@@ -28,9 +28,10 @@ def _forward_backward(layout):
 
     mask = image_attention_mask(ids, V + 1, 2, N)
     pixels = torch.randn(B, N, 3, 32, 32, generator=g)
-    loss, _ = model(ids, pixels, mask, labels_BT=ids)
+    loss, _ = model(ids, pixels, mask, labels_BT=ids, z_loss=1e-2)
     loss.backward()
-    logits = model.logits(ids, pixels, mask)
+    with torch.no_grad():
+        logits = model.logits(ids, pixels, mask)
     grads = {}
     group = tp_group()
     for name, p in model.named_parameters():
@@ -45,8 +46,18 @@ def _forward_backward(layout):
     return loss.detach(), logits, grads
 
 
+def reference_loss(logits: torch.Tensor, labels: torch.Tensor, z: float) -> torch.Tensor:
+    """Cross-entropy + z-loss on the full (gathered) logits, by hand."""
+    lg, tg = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(lg, tg) + z * torch.logsumexp(lg, -1).pow(2).mean()
+
+
 def test_tp2_equals_tp1_in_logits_loss_and_gradients(tmp_path):
     (ref_loss, ref_logits, ref_grads), = run_distributed(_forward_backward, 1, 1, tmp_path / "tp1")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 512, (2, 20), generator=g)
+    ids[:, 4], ids[:, 11] = 513, 513
+    torch.testing.assert_close(ref_loss, reference_loss(ref_logits, ids, 1e-2), rtol=1e-5, atol=0)
     for loss, logits, grads in run_distributed(_forward_backward, 2, 2, tmp_path / "tp2"):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
         torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,38 @@
+"""Learning-rate schedule and weight-decay groups."""
+
+import math
+
+import torch
+
+from flamingo_dist.config import TrainConfig
+from flamingo_dist.optim import lr_factor, param_groups
+
+
+def test_warmup_then_cosine_to_min_ratio():
+    t = TrainConfig(steps=12, warmup_steps=2, min_lr_ratio=0.1, schedule="cosine")
+    f = [lr_factor(s, t) for s in range(12)]
+    assert f[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(f[2:], f[3:]))  # non-increasing after warm-up
+    assert math.isclose(lr_factor(12, t), 0.1) and math.isclose(lr_factor(7, t), 0.1 + 0.9 * 0.5)
+
+
+def test_constant_after_warmup():
+    t = TrainConfig(steps=10, warmup_steps=4, schedule="constant")
+    assert [lr_factor(s, t) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_weight_decay_only_on_trainable_projection_matrices():
+    model = torch.nn.ModuleDict({
+        "q_proj": torch.nn.Linear(4, 4, bias=True),
+        "input_layernorm": torch.nn.LayerNorm(4),
+        "frozen": torch.nn.Linear(4, 4),
+    })
+    model["frozen"].requires_grad_(False)
+    model.register_parameter("alpha_dense", torch.nn.Parameter(torch.zeros(1)))
+    model.register_parameter("latents", torch.nn.Parameter(torch.zeros(3, 4)))
+    decay, no_decay = param_groups(model, 0.1)
+    assert [id(p) for p in decay["params"]] == [id(model["q_proj"].weight)]
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(
+        ["q_proj.bias", "input_layernorm.weight", "input_layernorm.bias", "alpha_dense", "latents"])
