@@ -89,3 +89,56 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path):
     a = run_distributed(_our_logits, 1, 1, tmp_path / "a", single, ids)[0]
     b = run_distributed(_our_logits, 1, 1, tmp_path / "b", sharded, ids)[0]
     assert torch.equal(a, b)
+
+
+def test_wrong_architecture_is_named(tmp_path):
+    from flamingo_dist.hf_llama import CheckpointError, read_hf_llama_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(CheckpointError, match="GPT2LMHeadModel"):
+        read_hf_llama_config(str(tmp_path))
+    with pytest.raises(CheckpointError, match="model.lm.path: .*nowhere is not a directory"):
+        read_hf_llama_config(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        read_hf_llama_config(str(tmp_path / "empty"))
+
+
+def _load_mismatched(layout, path):
+    from flamingo_dist.config import LMConfig
+    from flamingo_dist.hf_llama import CheckpointError, DictTensors, SafetensorsDir, load_lm_weights, resolve_lm_config
+    from flamingo_dist.models.lm import TPLlama
+    from flamingo_dist.parallel import tp_group
+
+    cfg = LMConfig(path=path)
+    resolve_lm_config(cfg)
+    cfg.intermediate_size = 48  # the model no longer fits the checkpoint
+    errors = []
+    try:
+        load_lm_weights(TPLlama(cfg, tp_group()), SafetensorsDir(path))
+    except CheckpointError as e:
+        errors.append(str(e))
+    cfg.intermediate_size = 64
+    tensors = SafetensorsDir(path)
+    partial = {n: tensors.read(n, 0, 0, tensors.shape(n)[0]) for n in tensors.names() if "layers.2.mlp.up_proj" not in n}
+    try:
+        load_lm_weights(TPLlama(cfg, tp_group()), DictTensors(partial))
+    except CheckpointError as e:
+        errors.append(str(e))
+    return errors
+
+
+def test_shape_mismatch_and_missing_tensor_are_named(tmp_path):
+    path = str(tmp_path / "llama")
+    save_random_llama(path, num_attention_heads=4, num_key_value_heads=4)
+    (errors,) = run_distributed(_load_mismatched, 1, 1, tmp_path / "out", path)
+    assert len(errors) == 2
+    assert "model.layers.0.mlp.gate_proj.weight has shape [64, 32], expected [48, 32]" in errors[0]
+    assert "model.layers.2.mlp.up_proj.weight is missing" in errors[1]
+
+
+def test_tokenizer_with_a_different_vocabulary_is_refused(synthetic_corpus):
+    from flamingo_dist.hf_llama import CheckpointError, load_tokenizer
+
+    with pytest.raises(CheckpointError, match="vocab_size is 1000"):
+        load_tokenizer(f"{synthetic_corpus}/tokenizer", 1000)
