@@ -1,0 +1,78 @@
+"""Export to transformers' IdeficsForVisionText2Text: stock IDEFICS on the exported directory
+gives our logits (the external reference for the whole model's semantics)."""
+
+import pytest
+import torch
+
+from flamingo_dist.config import load_config
+
+
+@pytest.fixture(scope="module")
+def world1():
+    from flamingo_dist.parallel import destroy_distributed, init_distributed
+
+    yield init_distributed(1)
+    destroy_distributed()
+
+
+def trained_like(world1, *sets):
+    """A debug model whose trainable weights are all random (gates open), as after training."""
+    from flamingo_dist.build import build_model
+    from flamingo_dist.parallel import tp_group
+    from flamingo_dist.parallelize import apply_freeze
+
+    cfg = load_config(None, list(sets))
+    model = build_model(cfg.model, tp_group(), seed=11)
+    apply_freeze(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                scale = 0.5 if "alpha" in name else 0.05
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval(), cfg
+
+
+def inputs(V: int):
+    from flamingo_dist.data.layout import image_attention_mask
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (2, 22), generator=g)
+    ids[:, 0] = 1
+    for p in (3, 10):  # <fake><image><fake>
+        ids[:, p - 1], ids[:, p], ids[:, p + 1] = V, V + 1, V
+    ids[1, 16] = 2  # an </s> inside: later tokens of row 1 see no image
+    return ids, torch.randn(2, 2, 3, 32, 32, generator=g), image_attention_mask(ids, V + 1, 2, 2)
+
+
+@pytest.mark.parametrize("alpha_type", ["float", "vector"])
+def test_stock_idefics_on_the_export_gives_our_logits(world1, tmp_path, alpha_type):
+    from transformers import IdeficsForVisionText2Text
+
+    from flamingo_dist.export_idefics import export_idefics
+
+    model, cfg = trained_like(world1, "model.xattn.qk_layer_norms=true", f"model.xattn.alpha_type={alpha_type}")
+    export_idefics(model, cfg.model, str(tmp_path / "hf"))
+    hf = IdeficsForVisionText2Text.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
+    ids, pixels, mask = inputs(cfg.model.lm.vocab_size)
+    with torch.no_grad():
+        ours = model.logits(ids, pixels, mask)
+        theirs = hf(input_ids=ids, pixel_values=pixels, image_attention_mask=mask).logits
+    assert ours.shape == theirs.shape == (2, 22, cfg.model.lm.vocab_size + 2)
+    rel = (ours - theirs).abs().max() / theirs.abs().max()
+    assert rel <= 1e-4, f"relative error {rel:.2e}"
+    with torch.no_grad():  # and the images matter, so the comparison covers the vision path
+        assert (model.logits(ids, torch.randn_like(pixels), mask) - ours).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("sets,reason", [
+    (["model.lm.num_kv_heads=2"], "grouped-query attention"),
+    (["model.xattn.cross_layer_interval=3"], "not a multiple of cross_layer_interval"),
+    (["model.xattn.placement=openflamingo"], "placement 'openflamingo'"),
+])
+def test_unrepresentable_models_are_refused_with_the_reason(world1, tmp_path, sets, reason):
+    from flamingo_dist.export_idefics import ExportError, export_idefics
+
+    model, cfg = trained_like(world1, *sets)
+    with pytest.raises(ExportError, match=reason):
+        export_idefics(model, cfg.model, str(tmp_path / "hf"))
