@@ -15,6 +15,7 @@ from torch import nn
 
 from flamingo_dist.config import ModelConfig, xattn_layer_indices
 from flamingo_dist.hf_llama import DictTensors, SafetensorsDir, load_lm_weights, random_lm_tensors
+from flamingo_dist.import_idefics import build_idefics_vision, load_idefics_weights
 from flamingo_dist.models.flamingo import Flamingo
 from flamingo_dist.models.lm import TPLinears, TPLlama
 from flamingo_dist.models.resampler import PerceiverResampler
@@ -41,10 +42,15 @@ def init_sharded_linears_(module: nn.Module, generator: torch.Generator, tp_rank
 
 def build_model(cfg: ModelConfig, tp_group: dist.ProcessGroup, seed: int,
                 dtype: torch.dtype = torch.float32) -> Flamingo:
-    """The whole model on CPU; frozen parts are created directly in `dtype`."""
+    """The whole model on CPU; frozen parts are created directly in `dtype`. Weights: from
+    cfg.init_from (an IDEFICS checkpoint), else the LM from cfg.lm.path or a seeded random LM
+    and fresh trainable blocks. Call `resolve_model_config` first."""
     tp_rank, tp_size = dist.get_rank(tp_group), dist.get_world_size(tp_group)
     torch.manual_seed(seed)  # replicated modules: identical on every rank and layout
-    vision = build_vision_encoder(cfg.vision.model_name, cfg.vision.pretrained, cfg.vision.activation).to(dtype)
+    if cfg.init_from:
+        vision = build_idefics_vision(cfg.init_from, cfg.vision.activation).to(dtype)
+    else:
+        vision = build_vision_encoder(cfg.vision.model_name, cfg.vision.pretrained, cfg.vision.activation).to(dtype)
     r = cfg.resampler
     resampler = PerceiverResampler(vision.width, r.depth, r.num_heads, r.head_dim, r.num_latents, r.qk_layer_norms)
     lm = TPLlama(cfg.lm, tp_group, dtype)
@@ -53,8 +59,6 @@ def build_model(cfg: ModelConfig, tp_group: dist.ProcessGroup, seed: int,
         lm.new_embed.weight.copy_(torch.randn(lm.new_embed.weight.shape, generator=gen) * INIT_STD)
         if lm.new_head is not None:
             lm.new_head.weight.copy_(torch.randn(lm.new_head.weight.shape, generator=gen) * INIT_STD)
-    source = SafetensorsDir(cfg.lm.path) if cfg.lm.path else DictTensors(random_lm_tensors(cfg.lm, seed + 2))
-    load_lm_weights(lm, source)
     linears = TPLinears(tp_group, torch.float32)  # trainable: fp32 here, DeepSpeed decides their dtype
     blocks = {}
     for i in xattn_layer_indices(cfg):
@@ -62,4 +66,18 @@ def build_model(cfg: ModelConfig, tp_group: dist.ProcessGroup, seed: int,
                                          cfg.lm.rms_norm_eps, cfg.xattn.alpha_type, cfg.xattn.qk_layer_norms, linears)
         init_sharded_linears_(block, torch.Generator().manual_seed(seed + 100 + i), tp_rank, tp_size)
         blocks[i] = block
-    return Flamingo(vision, resampler, lm, blocks, r.num_latents)
+    model = Flamingo(vision, resampler, lm, blocks, r.num_latents)
+    if cfg.init_from:
+        load_idefics_weights(model, cfg)
+    else:
+        source = SafetensorsDir(cfg.lm.path) if cfg.lm.path else DictTensors(random_lm_tensors(cfg.lm, seed + 2))
+        load_lm_weights(lm, source)
+    return model
+
+
+def resolve_model_config(cfg: ModelConfig) -> list[str]:
+    """Fill shapes from the checkpoints the config points at; returns notes on replaced values."""
+    from flamingo_dist.hf_llama import resolve_lm_config
+    from flamingo_dist.import_idefics import resolve_idefics_config
+
+    return resolve_idefics_config(cfg) if cfg.init_from else resolve_lm_config(cfg.lm)

@@ -64,7 +64,8 @@ class VisionConfig:
     """The frozen open_clip vision encoder."""
 
     model_name: str = "flamingo-debug-vit"
-    """open_clip model name (e.g. ViT-L-14, ViT-H-14); `flamingo-debug-vit` is our tiny test ViT."""
+    """open_clip model name (e.g. ViT-L-14, ViT-H-14); `flamingo-debug-vit` is our tiny test ViT;
+    `idefics` (set by model.init_from) builds the ViT shape of an IDEFICS checkpoint."""
     pretrained: Optional[str] = None
     """Local open_clip weights file; unset means random initialisation (tests only). Nothing is
     ever downloaded."""
@@ -118,6 +119,10 @@ class ModelConfig:
     """Perceiver Resampler."""
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
     """Gated cross-attention blocks."""
+    init_from: Optional[str] = None
+    """A transformers IDEFICS checkpoint directory (IdeficsForVisionText2Text) to start from:
+    every weight, every shape above and the tokenizer come from it (shape fields given here are
+    reported and replaced). Excludes model.lm.path and model.vision.pretrained."""
 
 
 @dataclass
@@ -344,6 +349,12 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
     need(lm.rope_theta > 0, "model.lm.rope_theta: must be positive")
     if lm.path is not None and not os.path.isdir(lm.path):
         errors.append(f"model.lm.path: {lm.path} is not a directory")
+    init = cfg.model.init_from
+    if init is not None:
+        if not os.path.isdir(init):
+            errors.append(f"model.init_from: {init} is not a directory")
+        if lm.path is not None or cfg.model.vision.pretrained is not None:
+            errors.append("model.init_from: excludes model.lm.path and model.vision.pretrained (it holds all weights)")
     need(tp >= 1, "parallel.tensor_parallel_size: must be >= 1")
     if tp >= 1 and lm.num_heads > 0:
         need(lm.num_heads % tp == 0,

@@ -23,14 +23,6 @@ class ExportError(ValueError):
     """The model cannot be expressed as IDEFICS; the message says why."""
 
 
-def _vision_shape(visual) -> dict:
-    block = visual.transformer.resblocks[0]
-    return {"width": visual.class_embedding.shape[-1], "layers": len(visual.transformer.resblocks),
-            "heads": block.attn.num_heads, "mlp": block.mlp.c_fc.out_features,
-            "patch": visual.conv1.kernel_size[0], "image_size": visual.image_size[0]
-            if isinstance(visual.image_size, tuple) else visual.image_size}
-
-
 def check_exportable(cfg: ModelConfig, visual) -> None:
     """Raise ExportError listing everything IDEFICS cannot represent."""
     lm, x = cfg.lm, cfg.xattn
@@ -56,11 +48,11 @@ def check_exportable(cfg: ModelConfig, visual) -> None:
         raise ExportError("cannot export to IDEFICS:\n  " + "\n  ".join(reasons))
 
 
-def idefics_config(cfg: ModelConfig, visual, tokenizer=None):
+def idefics_config(cfg: ModelConfig, vision, tokenizer=None):
     from transformers import IdeficsConfig
 
     lm, x, r = cfg.lm, cfg.xattn, cfg.resampler
-    v = _vision_shape(visual)
+    v = vision.shape()
     ids = {}
     if tokenizer is not None:
         ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -73,7 +65,7 @@ def idefics_config(cfg: ModelConfig, visual, tokenizer=None):
         rope_parameters={"rope_type": "default", "rope_theta": lm.rope_theta},
         cross_layer_interval=x.cross_layer_interval, qk_layer_norms=x.qk_layer_norms,
         alpha_type=x.alpha_type, alpha_initializer="zeros", use_resampler=True, dropout=0.0,
-        vision_config=dict(embed_dim=v["width"], image_size=v["image_size"], patch_size=v["patch"],
+        vision_config=dict(embed_dim=v["width"], image_size=v["image_size"], patch_size=v["patch_size"],
                            num_hidden_layers=v["layers"], num_attention_heads=v["heads"],
                            intermediate_size=v["mlp"], hidden_act=cfg.vision.activation, layer_norm_eps=1e-5),
         perceiver_config=dict(use_resampler=True, resampler_n_latents=r.num_latents, resampler_depth=r.depth,
@@ -150,7 +142,7 @@ def export_idefics(model, cfg: ModelConfig, out_dir: str, tokenizer=None, dtype:
 
     visual = model.vision.visual
     check_exportable(cfg, visual)
-    hf_cfg = idefics_config(cfg, visual, tokenizer)
+    hf_cfg = idefics_config(cfg, model.vision, tokenizer)
     with torch.device("meta"):
         hf = IdeficsForVisionText2Text(hf_cfg)
     state = {k: v.to(dtype).clone() for k, v in idefics_state_dict(model, cfg).items()}

@@ -17,27 +17,13 @@ from flamingo_dist.config import ModelConfig, xattn_layer_indices
 from flamingo_dist.models.lm import NUM_NEW_TOKENS, padded_vocab_size
 
 
-def vision_shape(model_name: str) -> dict:
-    """Width, depth, MLP ratio, patch and image size of an open_clip ViT by name."""
-    import os
-
-    import open_clip
-
-    if model_name.startswith("flamingo-"):
-        from flamingo_dist.models.vision import _ASSETS
-
-        open_clip.add_model_config(os.path.join(_ASSETS, f"{model_name}.json"))
-    v = open_clip.get_model_config(model_name)["vision_cfg"]
-    return {"width": v["width"], "layers": v["layers"], "mlp_ratio": v.get("mlp_ratio", 4.0),
-            "patch_size": v["patch_size"], "image_size": v["image_size"]}
-
-
-def train_flops(cfg: ModelConfig, batch_size: int, seq_len: int, num_images: int, tp_size: int = 1,
-                vision: dict | None = None) -> float:
+def train_flops(cfg: ModelConfig, vision: dict, batch_size: int, seq_len: int, num_images: int,
+                tp_size: int = 1) -> float:
     """FLOPs of forward + backward for `batch_size` sequences of `seq_len` tokens, each with
-    `num_images` image slots (all slots are encoded, padding slots included)."""
+    `num_images` image slots (all slots are encoded, padding slots included). `vision` is
+    `VisionEncoder.shape()`."""
     lm, r = cfg.lm, cfg.resampler
-    v = vision or vision_shape(cfg.vision.model_name)
+    v = vision
     D, E, I, T = lm.hidden_size, lm.head_dim, lm.intermediate_size, seq_len
     H, K = lm.num_heads, lm.kv_heads
     Dv, P = v["width"], v["patch_size"]
@@ -57,6 +43,6 @@ def train_flops(cfg: ModelConfig, batch_size: int, seq_len: int, num_images: int
     res = r.depth * (6 * L * (2 * Dv * Dr + 2 * Dv * 4 * Dv) + 6 * (S + L) * 2 * Dv * Dr
                      + 3 * 4 * L * (S + L) * Dr)
     # vision encoder per image, no autograd: patch conv, blocks (qkv, o, MLP), attention
-    mlp = int(Dv * v["mlp_ratio"])
+    mlp = v["mlp"]
     vit = 2 * (S - 1) * 3 * P * P * Dv + v["layers"] * (2 * S * (4 * Dv * Dv + 2 * Dv * mlp) + 4 * S * S * Dv)
     return float(batch_size * (frozen + trainable_head + xattn + num_images * (res + vit)))

@@ -227,9 +227,12 @@ def load_tokenizer(path: str, vocab_size: int):
     if not os.path.isdir(path):
         raise CheckpointError(f"tokenizer: {path} is not a directory")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if len(tok) != vocab_size:
+    new = ["<fake_token_around_image>", "<image>"]
+    has_new = tok.convert_tokens_to_ids(new) == [vocab_size, vocab_size + 1] and len(tok) == vocab_size + 2
+    if len(tok) != vocab_size and not has_new:  # an IDEFICS tokenizer already holds them
         raise CheckpointError(f"tokenizer {path}: {len(tok)} tokens, but the LM's vocab_size is {vocab_size}")
-    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>"]})
+    if not has_new:
+        tok.add_special_tokens({"additional_special_tokens": new})
     ids = tok.convert_tokens_to_ids(["<fake_token_around_image>", "<image>"])
     if ids != [vocab_size, vocab_size + 1]:
         raise CheckpointError(f"tokenizer {path}: new tokens got ids {ids}, expected {[vocab_size, vocab_size + 1]}")

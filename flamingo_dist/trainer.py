@@ -59,15 +59,15 @@ class Trainer:
 
     # ---------------------------------------------------------------- build
     def build(self, track: bool = True) -> "Trainer":
-        from flamingo_dist.build import build_model
+        from flamingo_dist.build import build_model, resolve_model_config
         from flamingo_dist.data.pipeline import build_dataloader, list_shards
         from flamingo_dist.ds_config import resolve_ds_config
-        from flamingo_dist.hf_llama import load_tokenizer, resolve_lm_config
+        from flamingo_dist.hf_llama import load_tokenizer
         from flamingo_dist.parallel import MegatronMPU, dp_group, tp_group
         from flamingo_dist.parallelize import parallelize
 
         cfg, lay = self.cfg, self.layout
-        for note in resolve_lm_config(cfg.model.lm):
+        for note in resolve_model_config(cfg.model):
             self.log(note)
         ds_config = resolve_ds_config(self.ds_config_path, cfg, lay.dp_size)
         shards, tok_dir = self._data_paths()
@@ -96,16 +96,15 @@ class Trainer:
 
         d, lay = self.cfg.data, self.layout
         if d.shards is not None:
-            tok_dir = d.tokenizer or self.cfg.model.lm.path
+            tok_dir = d.tokenizer or self.cfg.model.lm.path or self.cfg.model.init_from
             if tok_dir is None:
-                raise ValueError("data.tokenizer: needed when data.shards is set and model.lm.path is not")
+                raise ValueError("data.tokenizer: needed when data.shards is set and no checkpoint is given")
             return list_shards(d.shards), tok_dir
         if lay.local_rank == 0:  # one writer per host; the others wait at the barrier
-            vocab = self.cfg.model.lm.vocab_size if self.cfg.model.lm.path is None else None
-            if vocab is None:
-                raise ValueError("data.shards: the synthetic corpus is only for random LMs; with model.lm.path "
-                                 "give data.shards and data.tokenizer (the corpus's word tokenizer cannot "
-                                 "stand in for the checkpoint's)")
+            if self.cfg.model.lm.path or self.cfg.model.init_from:
+                raise ValueError("data.shards: the synthetic corpus is only for random LMs; with a checkpoint "
+                                 "give data.shards (its word tokenizer cannot stand in for the checkpoint's)")
+            vocab = self.cfg.model.lm.vocab_size
             ensure_corpus(d.synthetic_dir, d.synthetic_num_docs, seed=0, side=d.image_size, vocab_size=vocab)
         dist.barrier()
         tok_dir = d.tokenizer or self.cfg.model.lm.path or os.path.join(d.synthetic_dir, "tokenizer")

@@ -39,5 +39,5 @@ def test_formula_matches_flop_counter(world1, sets):
         loss, _ = model(ids, torch.randn(B, N, 3, 32, 32), mask, labels_BT=ids)
         loss.backward()
     measured = counter.get_total_flops()
-    predicted = train_flops(cfg.model, B, T, N)
+    predicted = train_flops(cfg.model, model.vision.shape(), B, T, N)
     assert abs(predicted - measured) / measured < 1e-9, (predicted, measured)

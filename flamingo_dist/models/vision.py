@@ -28,6 +28,14 @@ class VisionEncoder(nn.Module):
         self.width: int = visual.class_embedding.shape[-1]
         self.image_size: int = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
 
+    def shape(self) -> dict:
+        """Width, depth, heads, MLP width, patch and image size (for FLOP counts and export)."""
+        v = self.visual
+        block = v.transformer.resblocks[0]
+        return {"width": self.width, "layers": len(v.transformer.resblocks), "heads": block.attn.num_heads,
+                "mlp": block.mlp.c_fc.out_features, "patch_size": v.conv1.kernel_size[0],
+                "image_size": self.image_size}
+
     @torch.no_grad()
     def forward(self, pixels_BCP: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, S, V] with S = 1 + patches (CLS first)."""
