@@ -215,6 +215,28 @@ class TrackingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Committed checkpoints and resume (see flamingo_dist/checkpoint.py)."""
+
+    dir: Optional[str] = None
+    """Where checkpoints go; unset means <tracking.run_dir>/checkpoints."""
+    every_steps: int = 0
+    """Save every this many optimizer steps; 0 disables."""
+    every_minutes: float = 0.0
+    """Save when this many minutes passed since the last save (decided on rank 0); 0 disables."""
+    at_end: bool = True
+    """Save when training finishes."""
+    keep_last: int = 3
+    """Keep the newest this many committed checkpoints; older ones are deleted in the background.
+    0 keeps all."""
+    keep_every: int = 0
+    """Also keep forever every checkpoint whose step is a multiple of this; 0 disables."""
+    resume: Optional[str] = None
+    """`auto`: continue from the newest committed checkpoint in `dir` (start fresh if none);
+    a checkpoint path: continue from that one (it must verify)."""
+
+
+@dataclass
 class JobConfig:
     """Everything one training run needs."""
 
@@ -230,6 +252,8 @@ class JobConfig:
     """Data."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Tracking and outputs."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resume."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,6 +422,13 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
     need(t.precision in ("bf16", "fp32"), f"train.precision: {t.precision!r} is not bf16 or fp32")
     need(t.max_consecutive_skipped_steps >= 1, "train.max_consecutive_skipped_steps: must be >= 1")
     need(t.log_every >= 1, "train.log_every: must be >= 1")
+    ck = cfg.checkpoint
+    need(ck.every_steps >= 0, "checkpoint.every_steps: must be >= 0")
+    need(ck.every_minutes >= 0, "checkpoint.every_minutes: must be >= 0")
+    need(ck.keep_last >= 0, "checkpoint.keep_last: must be >= 0")
+    need(ck.keep_every >= 0, "checkpoint.keep_every: must be >= 0")
+    if ck.resume not in (None, "auto") and not os.path.isdir(ck.resume):
+        errors.append(f"checkpoint.resume: {ck.resume} is neither 'auto' nor a checkpoint directory")
     d = cfg.data
     need(d.seq_len >= 8, "data.seq_len: must be >= 8")
     need(d.seq_len <= lm.max_position_embeddings,
@@ -409,6 +440,10 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
         errors.append(f"data.tokenizer: {d.tokenizer} is not a directory")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def checkpoint_dir(cfg: JobConfig) -> str:
+    return cfg.checkpoint.dir or os.path.join(cfg.tracking.run_dir, "checkpoints")
 
 
 def xattn_layer_indices(cfg: ModelConfig) -> list[int]:

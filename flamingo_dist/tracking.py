@@ -59,10 +59,10 @@ def provenance(layout) -> dict[str, str]:
 class Tracker:
     """Logs to MLflow from rank 0; a no-op elsewhere. Collective in __init__ (run id broadcast)."""
 
-    def __init__(self, cfg: TrackingConfig, job_cfg, layout, run_name: str):
+    def __init__(self, cfg: TrackingConfig, job_cfg, layout, run_name: str, run_id: str | None = None):
+        """`run_id`: continue that MLflow run (a resumed job), else start a new one."""
         self.rank = layout.rank
         self.mlflow = None
-        run_id = None
         prov = provenance(layout)
         if self.rank == 0 and cfg.mlflow:
             import mlflow
@@ -70,11 +70,15 @@ class Tracker:
             os.makedirs(cfg.run_dir, exist_ok=True)
             mlflow.set_tracking_uri(tracking_uri(cfg))
             mlflow.set_experiment(cfg.experiment)
-            run = mlflow.start_run(run_name=cfg.run_name or run_name)
-            run_id = run.info.run_id
-            params = {k: str(v) for k, v in flatten(to_dict(job_cfg)).items()}
-            mlflow.log_params(params)
-            mlflow.log_params({f"provenance.{k}": v for k, v in prov.items()})
+            if run_id is not None:
+                mlflow.start_run(run_id=run_id)  # params were logged by the first attempt
+                mlflow.set_tag(f"resumed.{int(time.time())}", prov["command"])
+            else:
+                run = mlflow.start_run(run_name=cfg.run_name or run_name)
+                run_id = run.info.run_id
+                params = {k: str(v) for k, v in flatten(to_dict(job_cfg)).items()}
+                mlflow.log_params(params)
+                mlflow.log_params({f"provenance.{k}": v for k, v in prov.items()})
             mlflow.set_tags({"git_commit": prov["git_commit"], "hosts": prov["hosts"]})
             self.mlflow = mlflow
         box = [run_id]

@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", metavar="YAML", help="our training config; default: the debug flavor")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set train.steps=5 (repeatable)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest committed checkpoint "
+                   "(auto) or from PATH; same as --set checkpoint.resume=...")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -38,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+        cfg = load_config(args.config, overrides)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world_size=world)
     except ConfigError as e:

@@ -47,6 +47,8 @@ class Trainer:
         self.state = TrainState()
         self.ds_config_path = ds_config_path
         self.tracker = None
+        self.run_id: str | None = None  # the MLflow run, kept across resumes
+        self.batches_drawn = 0  # micro-batches taken from the loader (the data position)
         self._fault = self._parse_fault(os.environ.get(FAULT_NAN_ENV))
 
     @staticmethod
@@ -69,7 +71,7 @@ class Trainer:
         cfg, lay = self.cfg, self.layout
         for note in resolve_model_config(cfg.model):
             self.log(note)
-        ds_config = resolve_ds_config(self.ds_config_path, cfg, lay.dp_size)
+        ds_config = self.ds_config = resolve_ds_config(self.ds_config_path, cfg, lay.dp_size)
         shards, tok_dir = self._data_paths()
         self.tokenizer = load_tokenizer(tok_dir, cfg.model.lm.vocab_size)
         self.model = build_model(cfg.model, tp_group(), cfg.train.seed, _dtype(cfg))
@@ -84,11 +86,60 @@ class Trainer:
                                        cfg.train.micro_batch_size, lay.dp_rank, lay.dp_size, cfg.train.seed,
                                        d.num_workers)
         self.batches = iter(self.loader)
+        if cfg.checkpoint.resume:
+            self._resume(cfg.checkpoint.resume)
+        else:
+            from flamingo_dist import checkpoint
+            from flamingo_dist.config import checkpoint_dir
+
+            if checkpoint.committed(checkpoint_dir(cfg)):
+                self.log(f"warning: {checkpoint_dir(cfg)} holds committed checkpoints but this run starts fresh "
+                         "(pass --resume auto to continue from them)")
         if track:
             from flamingo_dist.tracking import Tracker
 
-            self.tracker = Tracker(cfg.tracking, cfg, lay, run_name=cfg.flavor)
+            self.tracker = Tracker(cfg.tracking, cfg, lay, run_name=cfg.flavor, run_id=self.run_id)
+            self.run_id = self.tracker.run_id
         return self
+
+    def _resume(self, spec: str) -> None:
+        from flamingo_dist import checkpoint
+        from flamingo_dist.config import checkpoint_dir
+
+        path = checkpoint.resolve_resume(spec, checkpoint_dir(self.cfg), self.log)
+        if path is None:
+            self.log(f"resume auto: no committed checkpoint in {checkpoint_dir(self.cfg)}; starting fresh")
+            return
+        checkpoint.load(self, path)
+        self.log(f"resumed from {path} at step {self.state.step}")
+
+    def skip_batches(self, n: int) -> None:
+        """Fast-forward the data to position n (the loader is deterministic for a seed)."""
+        for _ in range(n - self.batches_drawn):
+            next(self.batches)
+        self.batches_drawn = n
+
+    def save_checkpoint(self) -> str:
+        from flamingo_dist import checkpoint
+        from flamingo_dist.config import checkpoint_dir
+
+        root = checkpoint_dir(self.cfg)
+        path = checkpoint.save(self, root)
+        self._last_save = (self.state.step, time.time())
+        self.log(f"checkpoint committed: {path}")
+        checkpoint.prune(root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every, self.layout.rank)
+        return path
+
+    def _save_due(self) -> bool:
+        """Every N steps, or every M minutes as decided on rank 0 and broadcast."""
+        ck, step = self.cfg.checkpoint, self.state.step
+        if ck.every_steps and step % ck.every_steps == 0:
+            return True
+        if ck.every_minutes:
+            due = torch.tensor([float(time.time() - self._last_save[1] >= 60 * ck.every_minutes)], device=self.device)
+            dist.broadcast(due, src=0)
+            return bool(due.item())
+        return False
 
     def _data_paths(self) -> tuple[list[str], str]:
         from flamingo_dist.data.pipeline import list_shards
@@ -120,6 +171,7 @@ class Trainer:
 
         t = self.cfg.train
         progress = Progress(t.steps, self.layout.rank, t.log_every)
+        self._last_save = (self.state.step, time.time())
         try:
             while self.state.step < t.steps:
                 metrics = self.train_step()
@@ -134,6 +186,10 @@ class Trainer:
                         f"{self.state.consecutive_skipped} optimizer steps in a row had a non-finite loss or "
                         f"gradient norm (train.max_consecutive_skipped_steps = {t.max_consecutive_skipped_steps}); "
                         "stopping. Lower train.lr, check the data, or try train.precision: fp32 to debug.")
+                if self._save_due():
+                    self.save_checkpoint()
+            if self.cfg.checkpoint.at_end and self._last_save[0] != self.state.step:
+                self.save_checkpoint()
         finally:
             progress.close()
         return self.state
@@ -148,6 +204,7 @@ class Trainer:
 
     def _next_batch(self) -> dict:
         batch = next(self.batches)
+        self.batches_drawn += 1
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self) -> dict:

@@ -1,0 +1,209 @@
+"""Committed checkpoints and exact resume.
+
+Layout of one checkpoint, `<dir>/step_<N>/`:
+  ds/                   DeepSpeed engine state (trainable weights, fp32 masters, optimizer,
+                        LR schedule), frozen parameters excluded
+  rank<r>.pt            per-rank RNG states and data position
+  trainer.json          step counters, MLflow run id, layout (rank 0)
+  config.json           resolved job config and DeepSpeed config (rank 0)
+  COMMITTED.json        written last, by rank 0, temp file + rename, after a barrier: the step
+                        and a SHA-256 of every other file. Only committed checkpoints count.
+
+Every rank writes its part; the files are hashed by all ranks in parallel (a strided split),
+gathered, and committed by rank 0. A crash before the commit leaves the previous checkpoint as
+the newest. Loading verifies the hashes first: a damaged file is named; `--resume auto` then
+falls back to the previous committed checkpoint and says so.
+
+Frozen weights are not saved: the base model is rebuilt from its path (or seed). Changing the
+data-parallel size or TP size on resume is refused here (resharding is issue 4's next part).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import threading
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMMIT = "COMMITTED.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file or the mismatch."""
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(path: str) -> list[str]:
+    out = []
+    for base, _, names in os.walk(path):
+        for n in names:
+            rel = os.path.relpath(os.path.join(base, n), path)
+            if rel != COMMIT and not rel.endswith(".tmp"):
+                out.append(rel)
+    return sorted(out)
+
+
+def _hash_in_parallel(path: str, rels: list[str]) -> dict[str, str]:
+    """Each rank hashes every world_size-th file; all ranks get the whole table."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {rel: _sha256(os.path.join(path, rel)) for rel in rels[rank::world]}
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    table: dict[str, str] = {}
+    for part in parts:
+        table.update(part)
+    return table
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(trainer, root: str) -> str:
+    """Collective: write and commit the checkpoint of trainer's current step."""
+    lay, step = trainer.layout, trainer.state.step
+    path = step_dir(root, step)
+    if lay.rank == 0:
+        if os.path.isdir(path):  # an uncommitted leftover of a crash at this step
+            shutil.rmtree(path)
+        os.makedirs(path)
+    dist.barrier()
+    trainer.engine.save_checkpoint(path, tag="ds", save_latest=False, exclude_frozen_parameters=True)
+    torch.save({"rng": rng_state(), "batches_drawn": trainer.batches_drawn}, os.path.join(path, f"rank{lay.rank}.pt"))
+    if lay.rank == 0:
+        with open(os.path.join(path, "trainer.json"), "w") as f:
+            json.dump({**dataclasses.asdict(trainer.state), "run_id": trainer.run_id,
+                       "tp_size": lay.tp_size, "dp_size": lay.dp_size, "world_size": lay.world_size}, f, indent=1)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({"job": dataclasses.asdict(trainer.cfg), "deepspeed": trainer.ds_config}, f, indent=1)
+    dist.barrier()  # every part is on disk
+    table = _hash_in_parallel(path, _files(path))
+    if lay.rank == 0:
+        tmp = os.path.join(path, COMMIT + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"step": step, "files": table}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(path, COMMIT))
+    dist.barrier()
+    return path
+
+
+def committed(root: str) -> list[str]:
+    """Committed checkpoint directories under root, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    dirs = [os.path.join(root, d) for d in os.listdir(root) if d.startswith("step_")]
+    return sorted(d for d in dirs if os.path.isfile(os.path.join(d, COMMIT)))
+
+
+def verify(path: str) -> None:
+    """Collective: check every file against the commit's hashes; raise naming the first bad one."""
+    marker = os.path.join(path, COMMIT)
+    if not os.path.isfile(marker):
+        raise CheckpointError(f"{path}: not a committed checkpoint ({COMMIT} missing)")
+    with open(marker) as f:
+        expected = json.load(f)["files"]
+    present = set(_files(path))
+    missing = sorted(set(expected) - present)
+    bad = [f"{os.path.join(path, m)} is missing" for m in missing]
+    actual = _hash_in_parallel(path, sorted(set(expected) & present))
+    bad += [f"{os.path.join(path, rel)}: SHA-256 mismatch (file damaged)" for rel in sorted(actual)
+            if actual[rel] != expected[rel]]
+    if bad:
+        raise CheckpointError("; ".join(bad))
+
+
+def resolve_resume(spec: str, root: str, log) -> str | None:
+    """`auto`: the newest committed checkpoint that verifies (falling back, and saying so);
+    a path: that checkpoint, verified. Collective. None when auto finds nothing."""
+    if spec != "auto":
+        verify(spec)
+        return spec
+    candidates = committed(root)
+    for path in reversed(candidates):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            log(f"resume: skipping damaged checkpoint ({e}); trying the previous one")
+    return None
+
+
+def load(trainer, path: str) -> None:
+    """Collective: restore engine, counters, RNG and data position from a verified checkpoint."""
+    lay = trainer.layout
+    with open(os.path.join(path, "trainer.json")) as f:
+        meta = json.load(f)
+    if (meta["tp_size"], meta["dp_size"]) != (lay.tp_size, lay.dp_size):
+        raise CheckpointError(f"{path}: saved with TP {meta['tp_size']} x DP {meta['dp_size']}, this run is "
+                              f"TP {lay.tp_size} x DP {lay.dp_size}; resharding on resume is not supported yet")
+    # Frozen parameters are not in the checkpoint: only they may be missing from the module state.
+    trainer.engine.load_checkpoint(path, tag="ds", load_module_strict=False, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
+    own = torch.load(os.path.join(path, f"rank{lay.rank}.pt"), weights_only=False)
+    set_rng_state(own["rng"])
+    trainer.skip_batches(own["batches_drawn"])
+    fields = {f.name for f in dataclasses.fields(trainer.state)}
+    for k, v in meta.items():
+        if k in fields:
+            setattr(trainer.state, k, v)
+    trainer.run_id = meta.get("run_id")
+
+
+def prune(root: str, keep_last: int, keep_every: int, rank: int) -> threading.Thread | None:
+    """Delete committed checkpoints beyond the newest keep_last (except every keep_every-th step)
+    in a background thread on rank 0, so deleting never blocks training; failures are logged,
+    never raised."""
+    if rank != 0 or keep_last <= 0:
+        return None
+    old = committed(root)[:-keep_last]
+
+    def keep(path: str) -> bool:
+        step = int(os.path.basename(path).split("_")[1])
+        return keep_every > 0 and step % keep_every == 0
+
+    doomed = [p for p in old if not keep(p)]
+    if not doomed:
+        return None
+
+    def work() -> None:
+        for p in doomed:
+            try:
+                os.remove(os.path.join(p, COMMIT))  # uncommit first: a half-deleted one never counts
+                shutil.rmtree(p)
+            except OSError as e:
+                print(f"[flamingo_dist] could not delete old checkpoint {p}: {e}", flush=True)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    return t

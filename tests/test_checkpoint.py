@@ -1,0 +1,114 @@
+"""Committed checkpoints: bit-identical resume in fresh processes (ZeRO-2 DP=2, TP=2), a crash
+before the commit, a damaged file, pruning."""
+
+import glob
+import os
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from test_trainer import make_trainer, snapshot
+
+
+def _train(layout, corpus, run_dir, steps, stop_after, resume):
+    """Train a job of `steps` steps; stop (saving a checkpoint) after `stop_after` of them."""
+    sets = [f"train.steps={steps}", f"tracking.run_dir={run_dir}"]
+    if resume:
+        sets.append("checkpoint.resume=auto")
+    trainer = make_trainer(layout, corpus, run_dir, 2, *sets)
+    rows = []
+    while trainer.state.step < stop_after:
+        m = trainer.train_step()
+        rows.append((trainer.state.step, m["loss"], m["lr"], m["grad_norm"]))
+    if stop_after < steps:
+        trainer.save_checkpoint()
+    return rows, snapshot(trainer.model, True)
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["zero2-dp2", "tp2"])
+def test_resume_is_bit_identical(tp, synthetic_corpus, tmp_path):
+    straight = run_distributed(_train, 2, tp, tmp_path / "a", synthetic_corpus, str(tmp_path / "ra"), 8, 8, False)
+    first = run_distributed(_train, 2, tp, tmp_path / "b1", synthetic_corpus, str(tmp_path / "rb"), 8, 4, False)
+    second = run_distributed(_train, 2, tp, tmp_path / "b2", synthetic_corpus, str(tmp_path / "rb"), 8, 8, True)
+    for rank in range(2):
+        rows_a, weights_a = straight[rank]
+        rows_b = first[rank][0] + second[rank][0]
+        assert [r[0] for r in rows_b] == list(range(1, 9))
+        assert rows_b == rows_a, f"rank {rank}: per-step (step, loss, lr, grad_norm) differ"
+        weights_b = second[rank][1]
+        assert weights_a.keys() == weights_b.keys()
+        assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def _crash_and_damage(layout, corpus, run_dir):
+    from flamingo_dist import checkpoint
+
+    trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=6", "checkpoint.keep_last=0")
+    root = os.path.join(run_dir, "checkpoints")
+    trainer.train_step()
+    trainer.train_step()
+    good = trainer.save_checkpoint()
+    trainer.train_step()
+    trainer.train_step()
+    late = trainer.save_checkpoint()
+    logs = []
+    out = {}
+    torch.distributed.barrier()
+    if layout.rank == 0:  # a crash between the shard writes and the commit marker
+        os.rename(os.path.join(late, checkpoint.COMMIT), os.path.join(late, "COMMIT.bak"))
+    torch.distributed.barrier()
+    out["auto_after_crash"] = checkpoint.resolve_resume("auto", root, logs.append)
+    torch.distributed.barrier()
+    if layout.rank == 0:  # committed, then a flipped byte in a shard
+        os.rename(os.path.join(late, "COMMIT.bak"), os.path.join(late, checkpoint.COMMIT))
+        shard = sorted(glob.glob(os.path.join(late, "ds", "*optim_states.pt")))[0]
+        with open(shard, "r+b") as f:
+            f.seek(100)
+            b = f.read(1)
+            f.seek(100)
+            f.write(bytes([b[0] ^ 0xFF]))
+        out["damaged"] = shard
+    torch.distributed.barrier()
+    try:
+        checkpoint.resolve_resume(late, root, logs.append)
+        out["explicit_error"] = None
+    except checkpoint.CheckpointError as e:
+        out["explicit_error"] = str(e)
+    out["auto_after_damage"] = checkpoint.resolve_resume("auto", root, logs.append)
+    out["good"], out["late"], out["logs"] = good, late, logs
+    return out
+
+
+def test_crash_before_commit_and_damaged_file(synthetic_corpus, tmp_path):
+    res = run_distributed(_crash_and_damage, 2, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"))
+    r0 = res[0]
+    for r in res:
+        assert r["auto_after_crash"] == r0["good"]  # the uncommitted one does not count
+        assert r["auto_after_damage"] == r0["good"]  # auto falls back ...
+        assert any("skipping damaged checkpoint" in line for line in r["logs"])  # ... and says so
+        assert r["explicit_error"] is not None and os.path.basename(r0["damaged"]) in r["explicit_error"]
+        assert "SHA-256 mismatch" in r["explicit_error"]
+
+
+def _prune(layout, corpus, run_dir):
+    trainer = make_trainer(layout, corpus, run_dir, 1, "train.steps=5", "checkpoint.every_steps=1",
+                           "checkpoint.keep_last=2", "checkpoint.keep_every=2", "checkpoint.at_end=false")
+    trainer.train()
+    import time
+
+    from flamingo_dist import checkpoint
+
+    time.sleep(1.0)  # deletion runs in a background thread
+    return [os.path.basename(p) for p in checkpoint.committed(os.path.join(run_dir, "checkpoints"))]
+
+
+def test_keep_last_and_keep_every(synthetic_corpus, tmp_path):
+    (kept,) = run_distributed(_prune, 1, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"))
+    assert kept == ["step_00000002", "step_00000004", "step_00000005"]
+
+
+def test_resume_at_a_different_layout_is_refused(synthetic_corpus, tmp_path):
+    run_distributed(_train, 2, 1, tmp_path / "a", synthetic_corpus, str(tmp_path / "r"), 4, 2, False)
+    with pytest.raises(Exception, match="saved with TP 1 x DP 2, this run is TP 1 x DP 1"):
+        run_distributed(_train, 1, 1, tmp_path / "b", synthetic_corpus, str(tmp_path / "r"), 4, 4, True)
