@@ -207,3 +207,38 @@ def prune(root: str, keep_last: int, keep_every: int, rank: int) -> threading.Th
     t = threading.Thread(target=work, daemon=True)
     t.start()
     return t
+
+
+def model_from_checkpoint(path: str, dtype: torch.dtype = torch.float32):
+    """(model, job config) of a committed TP=1 checkpoint, in one process: frozen weights rebuilt
+    from the base model (path or seed), trainable weights consolidated from the ZeRO shards by
+    DeepSpeed's own zero_to_fp32. Needs an initialised process group (a world of one will do)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from flamingo_dist.build import build_model, resolve_model_config
+    from flamingo_dist.config import config_from_dict
+    from flamingo_dist.parallel import tp_group
+
+    verify(path)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = config_from_dict(json.load(f)["job"])
+    with open(os.path.join(path, "trainer.json")) as f:
+        meta = json.load(f)
+    if meta["tp_size"] != 1:
+        raise CheckpointError(f"{path}: saved at TP {meta['tp_size']}; consolidating TP shards is not supported yet "
+                              "(resume it at TP=1 first once resharding lands, issue 4)")
+    resolve_model_config(cfg.model)
+    model = build_model(cfg.model, tp_group(), cfg.train.seed, dtype)
+    trained = get_fp32_state_dict_from_zero_checkpoint(path, tag="ds", exclude_frozen_parameters=True)
+    result = model.load_state_dict(trained, strict=False)
+    trainable = {n for n, p in model.named_parameters() if _is_trainable(model, n)}
+    missing_trainable = sorted(set(result.missing_keys) & trainable)
+    if missing_trainable or result.unexpected_keys:
+        raise CheckpointError(f"{path}: trainable weights do not match the model (missing {missing_trainable[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]})")
+    return model.eval(), cfg
+
+
+def _is_trainable(model, name: str) -> bool:
+    ids = {id(p) for m in model.trainable_modules() for p in m.parameters()}
+    return id(model.get_parameter(name)) in ids

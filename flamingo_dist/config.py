@@ -299,6 +299,17 @@ def _parse_override(text: str) -> dict:
     return out
 
 
+def config_from_dict(values: dict) -> JobConfig:
+    """A JobConfig from a dict of the same shape (a checkpoint's resolved config), validated."""
+    from flamingo_dist.flavors import get_flavor
+
+    cfg = get_flavor(values.get("flavor", "debug"))
+    errors: list[str] = []
+    _merge(cfg, values, "", errors)
+    validate(cfg, errors)
+    return cfg
+
+
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> JobConfig:
     """Build a JobConfig: the flavor named in the YAML (or `debug`), then the YAML's values,
     then each `dotted.key=value` override; validated before returning."""

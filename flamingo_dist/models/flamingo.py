@@ -22,7 +22,9 @@ class FlamingoLayer(nn.Module):
     def __init__(self, xattn: GatedCrossAttentionBlock | None, decoder: nn.Module):
         super().__init__()
         self.xattn = xattn
-        self.decoder = decoder
+        # Not registered as a submodule: the decoder layer belongs to (and is saved as part of)
+        # the LM; registering it here too would give every frozen weight a second name.
+        object.__setattr__(self, "decoder", decoder)
         self.activation_checkpointing = False
 
     def _forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT):

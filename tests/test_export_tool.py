@@ -1,0 +1,51 @@
+"""tools/export_idefics.py on a real committed checkpoint (trained with ZeRO-2 on 2 ranks):
+stock IDEFICS on the export gives the trained model's logits; --plain writes every weight."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from distributed import run_distributed
+from test_export_idefics import inputs
+from test_trainer import make_trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(layout, corpus, run_dir):
+    trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=3", "train.precision=fp32",
+                           "model.xattn.qk_layer_norms=true", "model.xattn.alpha_type=vector", "train.lr=0.05")
+    trainer.train()  # saves a checkpoint at the end
+    with torch.no_grad():
+        logits = trainer.model.logits(*inputs(512))
+    names = sorted(trainer.model.state_dict())
+    return logits, os.path.join(run_dir, "checkpoints", "step_00000003"), names
+
+
+def export(*args):
+    proc = subprocess.run([sys.executable, "tools/export_idefics.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_exported_checkpoint_gives_the_trained_logits(synthetic_corpus, tmp_path):
+    from safetensors import safe_open
+    from transformers import IdeficsForVisionText2Text, IdeficsProcessor
+
+    (logits, ckpt, names), _ = run_distributed(_train, 2, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"))
+    out = str(tmp_path / "hf")
+    export("--checkpoint", ckpt, "--out", out)
+    hf = IdeficsForVisionText2Text.from_pretrained(out, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(*[], **dict(zip(("input_ids", "pixel_values", "image_attention_mask"), inputs(512)))).logits
+    rel = (logits - theirs).abs().max() / theirs.abs().max()
+    assert rel <= 1e-4, f"relative error {rel:.2e}"
+    assert hf.model.gated_cross_attn_layers[0].alpha_dense.abs().max() > 0  # trained gates, not the init
+    processor = IdeficsProcessor.from_pretrained(out)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == 513 and processor.image_processor.image_size == 32
+    plain = str(tmp_path / "plain.safetensors")
+    export("--checkpoint", ckpt, "--out", plain, "--plain")
+    with safe_open(plain, "pt") as f:
+        assert sorted(f.keys()) == [n for n in names if not n.endswith("_extra_state")]

@@ -1,0 +1,61 @@
+"""Export a committed checkpoint to Hugging Face IDEFICS, or to one plain fp32 safetensors file.
+
+    python tools/export_idefics.py --checkpoint runs/debug/checkpoints/step_00000020 --out hf/
+    python tools/export_idefics.py --checkpoint ... --out model.safetensors --plain
+
+The IDEFICS directory loads with `IdeficsForVisionText2Text.from_pretrained` and
+`IdeficsProcessor.from_pretrained`. Models IDEFICS cannot represent (GQA, other placements, ...)
+are refused with the reason; `--plain` works for every model (our parameter names).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a committed checkpoint directory (step_N)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--plain", action="store_true", help="one fp32 safetensors file of the whole model")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from flamingo_dist.checkpoint import CheckpointError, model_from_checkpoint
+    from flamingo_dist.export_idefics import ExportError, export_idefics
+    from flamingo_dist.parallel import destroy_distributed, init_distributed
+
+    init_distributed(1)
+    try:
+        model, cfg = model_from_checkpoint(args.checkpoint)
+        if args.plain:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()
+                     if isinstance(v, torch.Tensor)}
+            save_file(state, args.out)
+        else:
+            from flamingo_dist.hf_llama import load_tokenizer
+
+            d = cfg.data
+            tok_dir = d.tokenizer or cfg.model.lm.path or cfg.model.init_from or os.path.join(d.synthetic_dir, "tokenizer")
+            tokenizer = load_tokenizer(tok_dir, cfg.model.lm.vocab_size) if os.path.isdir(tok_dir) else None
+            if tokenizer is None:
+                print(f"warning: no tokenizer at {tok_dir}; exporting the model without a processor", file=sys.stderr)
+            dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+            export_idefics(model, cfg.model, args.out, tokenizer, dtype)
+    except (CheckpointError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
