@@ -6,6 +6,8 @@ Layout of one checkpoint, `<dir>/step_<N>/`:
   rank<r>.pt            per-rank RNG states and data position
   trainer.json          step counters, MLflow run id, layout (rank 0)
   config.json           resolved job config and DeepSpeed config (rank 0)
+  base_model.json       what the frozen weights are: SHA-256 of the base checkpoint files (cached
+                        beside them, so a 70B model is hashed once), or the seed of a random LM
   COMMITTED.json        written last, by rank 0, temp file + rename, after a barrier: the step
                         and a SHA-256 of every other file. Only committed checkpoints count.
 
@@ -88,6 +90,73 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _hash_dir_cached(path: str) -> dict[str, str]:
+    """SHA-256 of every file under a base-model directory, cached in a JSON file beside it (or in
+    ~/.cache/flamingo_dist when that directory is read-only) and recomputed only for files whose
+    size or mtime changed."""
+    path = os.path.abspath(path)
+    cache_name = ".flamingo_dist_sha256.json"
+    candidates = [os.path.join(path, cache_name) if os.path.isdir(path) else path + cache_name,
+                  os.path.join(os.path.expanduser("~/.cache/flamingo_dist"),
+                               hashlib.sha256(path.encode()).hexdigest()[:16] + ".json")]
+    cache: dict = {}
+    for c in candidates:
+        if os.path.isfile(c):
+            with open(c) as f:
+                cache = json.load(f)
+            break
+    files = [path] if os.path.isfile(path) else [
+        os.path.join(b, n) for b, _, ns in os.walk(path) for n in ns if n != cache_name]
+    out, changed = {}, False
+    for full in sorted(files):
+        rel = os.path.relpath(full, path) if os.path.isdir(path) else os.path.basename(full)
+        st = os.stat(full)
+        entry = cache.get(rel)
+        if not entry or entry["size"] != st.st_size or entry["mtime_ns"] != st.st_mtime_ns:
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(full)}
+            cache[rel], changed = entry, True
+        out[rel] = entry["sha256"]
+    if changed:
+        for c in candidates:
+            try:
+                os.makedirs(os.path.dirname(c), exist_ok=True)
+                with open(c + ".tmp", "w") as f:
+                    json.dump(cache, f)
+                os.replace(c + ".tmp", c)
+                break
+            except OSError:
+                continue
+    return out
+
+
+def base_manifest(cfg) -> dict:
+    """What the frozen weights are, so a resume against different ones is refused."""
+    m = cfg.model
+    out: dict = {"vision_model": m.vision.model_name}
+    if m.init_from or m.lm.path:
+        src = m.init_from or m.lm.path
+        out["base"] = {"path": os.path.abspath(src), "files": _hash_dir_cached(src)}
+    else:
+        out["base"] = {"random_seed": cfg.train.seed, "lm": dataclasses.asdict(m.lm)}
+    if m.vision.pretrained:
+        out["vision_weights"] = {"path": os.path.abspath(m.vision.pretrained),
+                                 "files": _hash_dir_cached(m.vision.pretrained)}
+    return out
+
+
+def _manifest_mismatch(saved: dict, now: dict) -> list[str]:
+    problems = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and "files" in a and "files" in b:
+            changed = sorted(f for f in set(a["files"]) | set(b["files"]) if a["files"].get(f) != b["files"].get(f))
+            if changed:
+                problems.append(f"{key} at {b['path']}: files differ from the checkpoint's ({changed[:5]})")
+        elif a != b:
+            problems.append(f"{key}: checkpoint has {a!r}, this run has {b!r}")
+    return problems
+
+
 def save(trainer, root: str) -> str:
     """Collective: write and commit the checkpoint of trainer's current step."""
     lay, step = trainer.layout, trainer.state.step
@@ -105,6 +174,8 @@ def save(trainer, root: str) -> str:
                        "tp_size": lay.tp_size, "dp_size": lay.dp_size, "world_size": lay.world_size}, f, indent=1)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"job": dataclasses.asdict(trainer.cfg), "deepspeed": trainer.ds_config}, f, indent=1)
+        with open(os.path.join(path, "base_model.json"), "w") as f:
+            json.dump(base_manifest(trainer.cfg), f, indent=1)
     dist.barrier()  # every part is on disk
     table = _hash_in_parallel(path, _files(path))
     if lay.rank == 0:
@@ -167,6 +238,15 @@ def load(trainer, path: str) -> None:
     if (meta["tp_size"], meta["dp_size"]) != (lay.tp_size, lay.dp_size):
         raise CheckpointError(f"{path}: saved with TP {meta['tp_size']} x DP {meta['dp_size']}, this run is "
                               f"TP {lay.tp_size} x DP {lay.dp_size}; resharding on resume is not supported yet")
+    problems = []
+    if lay.rank == 0:  # hashing (cached) on one rank; everyone learns the verdict
+        with open(os.path.join(path, "base_model.json")) as f:
+            problems = _manifest_mismatch(json.load(f), base_manifest(trainer.cfg))
+    box = [problems]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise CheckpointError(f"{path}: the frozen base model differs from the one this checkpoint was trained on: "
+                              + "; ".join(box[0]))
     # Frozen parameters are not in the checkpoint: only they may be missing from the module state.
     trainer.engine.load_checkpoint(path, tag="ds", load_module_strict=False, load_optimizer_states=True,
                                    load_lr_scheduler_states=True)

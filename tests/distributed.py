@@ -38,8 +38,15 @@ def run_distributed(fn, world: int, tp: int, tmp_path, *args) -> list:
     """fn(layout, *args) on each rank; returns the per-rank results (fn must be importable)."""
     out_dir = str(tmp_path)
     os.makedirs(out_dir, exist_ok=True)
-    mp.start_processes(_worker, args=(world, _free_port(), tp, fn, args, out_dir), nprocs=world,
-                       join=True, start_method="spawn")
+    for attempt in range(3):
+        try:
+            mp.start_processes(_worker, args=(world, _free_port(), tp, fn, args, out_dir), nprocs=world,
+                               join=True, start_method="spawn")
+            break
+        except mp.ProcessRaisedException as e:
+            # the free port we picked was taken before rank 0 bound it: pick another
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
     results = []
     for r in range(world):
         with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:

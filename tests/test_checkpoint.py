@@ -112,3 +112,35 @@ def test_resume_at_a_different_layout_is_refused(synthetic_corpus, tmp_path):
     run_distributed(_train, 2, 1, tmp_path / "a", synthetic_corpus, str(tmp_path / "r"), 4, 2, False)
     with pytest.raises(Exception, match="saved with TP 1 x DP 2, this run is TP 1 x DP 1"):
         run_distributed(_train, 1, 1, tmp_path / "b", synthetic_corpus, str(tmp_path / "r"), 4, 4, True)
+
+
+def _train_seeded(layout, corpus, run_dir, seed, resume):
+    trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=4", f"train.seed={seed}",
+                           *(["checkpoint.resume=auto"] if resume else []))
+    if not resume:
+        trainer.train_step()
+        trainer.save_checkpoint()
+
+
+def test_resume_against_another_base_model_is_refused(synthetic_corpus, tmp_path):
+    run_distributed(_train_seeded, 1, 1, tmp_path / "a", synthetic_corpus, str(tmp_path / "r"), 1, False)
+    with pytest.raises(Exception, match="frozen base model differs.*random_seed"):
+        run_distributed(_train_seeded, 1, 1, tmp_path / "b", synthetic_corpus, str(tmp_path / "r"), 2, True)
+
+
+def test_base_model_hashes_are_cached_and_changes_are_named(tmp_path):
+    from flamingo_dist import checkpoint
+
+    base = tmp_path / "llama"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"\x00" * 1000)
+    first = checkpoint._hash_dir_cached(str(base))
+    assert set(first) == {"config.json", "model.safetensors"}
+    assert (base / ".flamingo_dist_sha256.json").is_file()
+    assert checkpoint._hash_dir_cached(str(base)) == first
+    (base / "model.safetensors").write_bytes(b"\x01" * 1000)
+    saved = {"base": {"path": str(base), "files": first}}
+    now = {"base": {"path": str(base), "files": checkpoint._hash_dir_cached(str(base))}}
+    problems = checkpoint._manifest_mismatch(saved, now)
+    assert len(problems) == 1 and "model.safetensors" in problems[0]
