@@ -27,8 +27,10 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import threading
+import time
 
 import numpy as np
 import torch
@@ -162,7 +164,9 @@ def save(trainer, root: str) -> str:
     lay, step = trainer.layout, trainer.state.step
     path = step_dir(root, step)
     if lay.rank == 0:
-        if os.path.isdir(path):  # an uncommitted leftover of a crash at this step
+        if os.path.isfile(os.path.join(path, COMMIT)):  # e.g. after resuming an older one explicitly
+            os.rename(path, f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")  # never delete committed work
+        elif os.path.isdir(path):  # an uncommitted leftover of a crash at this step
             shutil.rmtree(path)
         os.makedirs(path)
     dist.barrier()
@@ -193,7 +197,7 @@ def committed(root: str) -> list[str]:
     """Committed checkpoint directories under root, oldest first."""
     if not os.path.isdir(root):
         return []
-    dirs = [os.path.join(root, d) for d in os.listdir(root) if d.startswith("step_")]
+    dirs = [os.path.join(root, d) for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d)]
     return sorted(d for d in dirs if os.path.isfile(os.path.join(d, COMMIT)))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -28,19 +28,13 @@ class Layout:
     device: torch.device
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(tp_size: int, timeout_minutes: int = 30) -> Layout:
     """Initialise torch.distributed from the launcher's environment and megatron's TP/DP groups."""
     from megatron.core import parallel_state
 
-    if "RANK" not in os.environ:  # plain `python train.py`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if single:  # plain `python train.py` or a one-process launch: nothing to rendezvous with
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -51,7 +45,13 @@ def init_distributed(tp_size: int, timeout_minutes: int = 30) -> Layout:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if single:
+            # A private file store, not a TCP port: an inherited or reused MASTER_PORT cannot collide.
+            store = os.path.join(tempfile.mkdtemp(prefix="flamingo_dist_pg_"), "store")
+            dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)  # env:// from the launcher
     world = dist.get_world_size()
     if world % tp_size:
         raise ValueError(f"parallel.tensor_parallel_size ({tp_size}) must divide the world size ({world})")

@@ -92,9 +92,14 @@ class Trainer:
             from flamingo_dist import checkpoint
             from flamingo_dist.config import checkpoint_dir
 
-            if checkpoint.committed(checkpoint_dir(cfg)):
-                self.log(f"warning: {checkpoint_dir(cfg)} holds committed checkpoints but this run starts fresh "
-                         "(pass --resume auto to continue from them)")
+            root = checkpoint_dir(cfg)
+            if checkpoint.committed(root):  # a fresh run never overwrites an earlier run's checkpoints
+                aside = f"{root}.before-{time.strftime('%Y%m%d-%H%M%S')}"
+                if lay.rank == 0:
+                    os.rename(root, aside)
+                dist.barrier()
+                self.log(f"warning: {root} held committed checkpoints but this run starts fresh (pass --resume auto "
+                         f"to continue from them); moved them to {aside}")
         if track:
             from flamingo_dist.tracking import Tracker
 
