@@ -45,13 +45,14 @@ def inputs(V: int):
     return ids, torch.randn(2, 2, 3, 32, 32, generator=g), image_attention_mask(ids, V + 1, 2, 2)
 
 
-@pytest.mark.parametrize("alpha_type", ["float", "vector"])
-def test_stock_idefics_on_the_export_gives_our_logits(world1, tmp_path, alpha_type):
+@pytest.mark.parametrize("alpha_type,theta", [("float", 10000.0), ("vector", 10000.0), ("vector", 500000.0)])
+def test_stock_idefics_on_the_export_gives_our_logits(world1, tmp_path, alpha_type, theta):
     from transformers import IdeficsForVisionText2Text
 
     from flamingo_dist.export_idefics import export_idefics
 
-    model, cfg = trained_like(world1, "model.xattn.qk_layer_norms=true", f"model.xattn.alpha_type={alpha_type}")
+    model, cfg = trained_like(world1, "model.xattn.qk_layer_norms=true", f"model.xattn.alpha_type={alpha_type}",
+                              f"model.lm.rope_theta={theta}")
     export_idefics(model, cfg.model, str(tmp_path / "hf"))
     hf = IdeficsForVisionText2Text.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
     ids, pixels, mask = inputs(cfg.model.lm.vocab_size)
