@@ -62,7 +62,7 @@ class Trainer:
     # ---------------------------------------------------------------- build
     def build(self, track: bool = True) -> "Trainer":
         from flamingo_dist.build import build_model, resolve_model_config
-        from flamingo_dist.data.pipeline import build_dataloader, list_shards
+        from flamingo_dist.data.pipeline import build_dataloader
         from flamingo_dist.ds_config import resolve_ds_config
         from flamingo_dist.hf_llama import load_tokenizer
         from flamingo_dist.parallel import MegatronMPU, dp_group, tp_group
