@@ -45,6 +45,24 @@ def test_exported_checkpoint_gives_the_trained_logits(synthetic_corpus, tmp_path
     assert hf.model.gated_cross_attn_layers[0].alpha_dense.abs().max() > 0  # trained gates, not the init
     processor = IdeficsProcessor.from_pretrained(out)
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == 513 and processor.image_processor.image_size == 32
+    # the exported processor reproduces our pipeline's ids, image mask and pixels
+    import numpy as np
+    from PIL import Image
+
+    from flamingo_dist.data.layout import document_text, image_attention_mask
+    from flamingo_dist.data.pipeline import image_transform
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (57, 83, 3), dtype=np.uint8)) for _ in range(2)]
+    prompt = ["look at the image .", images[0], "a small red circle .", images[1], "a large blue square ."]
+    ref = processor(text=[prompt], add_eos_token=True, return_tensors="pt")
+    tok = processor.tokenizer
+    text, _ = document_text(prompt, tok.bos_token, tok.eos_token)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    assert torch.equal(ids, ref["input_ids"])
+    assert torch.equal(image_attention_mask(ids, 513, tok.eos_token_id, 2), ref["image_attention_mask"].long())
+    ours = torch.stack([image_transform(32)(im) for im in images])
+    torch.testing.assert_close(ours, ref["pixel_values"][0], rtol=0, atol=1e-6)
     plain = str(tmp_path / "plain.safetensors")
     export("--checkpoint", ckpt, "--out", plain, "--plain")
     with safe_open(plain, "pt") as f:

@@ -41,11 +41,21 @@ def list_shards(spec: str) -> list[str]:
 
 
 def image_transform(image_size: int):
-    """Squash-resize to a square (as IDEFICS' image processor does), CLIP normalisation."""
-    import torchvision.transforms as T
+    """Squash-resize to a square and CLIP-normalise, with the operations of transformers'
+    `IdeficsImageProcessor` (torchvision backend: bicubic antialiased resize of the uint8 tensor,
+    then rescale and normalise), so an exported processor reproduces our pixels (to float
+    rounding; tests/test_export_tool.py)."""
+    import torchvision.transforms.v2.functional as F
+    from torchvision.transforms import InterpolationMode
 
-    return T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
-                      T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+
+    def transform(img) -> torch.Tensor:
+        pixels = F.resize(F.pil_to_tensor(img.convert("RGB")), [image_size, image_size],
+                          interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return (pixels.float() / 255.0 - mean) / std
+
+    return transform
 
 
 class InterleavedDataset(torch.utils.data.IterableDataset):
