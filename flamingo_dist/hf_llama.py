@@ -168,8 +168,7 @@ def load_lm_weights(lm, source: TensorSource) -> None:
     names = {n for n in source.names() if not n.endswith(_IGNORED_SUFFIXES)}
     used: set[str] = set()
 
-    def read(name: str, shape: tuple[int, ...], dim: int = 0, parts: int = 1) -> torch.Tensor:
-        """Rank r's 1/parts chunk of `name` along `dim`, after checking its full shape."""
+    def check(name: str, shape: tuple[int, ...]) -> None:
         if name not in names:
             raise CheckpointError(f"{getattr(source, 'path', 'checkpoint')}: tensor {name} is missing")
         got = source.shape(name)
@@ -177,6 +176,10 @@ def load_lm_weights(lm, source: TensorSource) -> None:
             raise CheckpointError(f"{getattr(source, 'path', 'checkpoint')}: tensor {name} has shape "
                                   f"{list(got)}, expected {list(shape)} from the LM config")
         used.add(name)
+
+    def read(name: str, shape: tuple[int, ...], dim: int = 0, parts: int = 1) -> torch.Tensor:
+        """Rank r's 1/parts chunk of `name` along `dim`, after checking its full shape."""
+        check(name, shape)
         n = shape[dim] // parts
         return source.read(name, dim, r * n, (r + 1) * n) if parts > 1 else source.read(name, dim, 0, shape[dim])
 
@@ -188,7 +191,7 @@ def load_lm_weights(lm, source: TensorSource) -> None:
 
     def vocab_rows(name: str) -> torch.Tensor:
         """Rows of the padded vocabulary owned by this rank; rows >= V are zero."""
-        read(name, (cfg.vocab_size, D), 0, 1)  # shape check only
+        check(name, (cfg.vocab_size, D))  # only this rank's rows are read below
         start, n = r * lm.local_vocab, lm.local_vocab
         out = torch.zeros(n, D)
         stop = min(start + n, cfg.vocab_size)

@@ -19,6 +19,8 @@ model is the same function at every TP size.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -65,6 +67,7 @@ class TPLinears:
                          tp_group=self.tp_group)
 
 
+@functools.cache  # megatron is imported lazily; the subclasses are made once
 def _column_cls():
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
@@ -75,6 +78,7 @@ def _column_cls():
     return _Column
 
 
+@functools.cache
 def _row_cls():
     from megatron.core.tensor_parallel import RowParallelLinear
 
