@@ -74,23 +74,43 @@ def idefics_config(cfg: ModelConfig, vision, tokenizer=None):
         **ids)
 
 
-def _vision_state(visual) -> dict[str, torch.Tensor]:
-    sd = {k: t.detach() for k, t in visual.state_dict().items()}
+def vision_names(num_layers: int) -> dict[str, str]:
+    """open_clip visual name -> IDEFICS name, for everything but the packed q/k/v in_proj
+    (shared by export and import)."""
     p = "model.vision_model."
-    out = {p + "embeddings.patch_embedding.weight": sd["conv1.weight"],
-           p + "embeddings.class_embedding": sd["class_embedding"],
-           p + "embeddings.position_embedding.weight": sd["positional_embedding"],
-           p + "pre_layrnorm.weight": sd["ln_pre.weight"], p + "pre_layrnorm.bias": sd["ln_pre.bias"],
-           p + "post_layernorm.weight": sd["ln_post.weight"], p + "post_layernorm.bias": sd["ln_post.bias"]}
-    for i in range(len(visual.transformer.resblocks)):
+    out = {"conv1.weight": p + "embeddings.patch_embedding.weight", "class_embedding": p + "embeddings.class_embedding",
+           "positional_embedding": p + "embeddings.position_embedding.weight",
+           "ln_pre.weight": p + "pre_layrnorm.weight", "ln_pre.bias": p + "pre_layrnorm.bias",
+           "ln_post.weight": p + "post_layernorm.weight", "ln_post.bias": p + "post_layernorm.bias"}
+    for i in range(num_layers):
         s, d = f"transformer.resblocks.{i}.", f"{p}encoder.layers.{i}."
         for kind in ("weight", "bias"):
-            q, k, v = sd[s + f"attn.in_proj_{kind}"].chunk(3, dim=0)
-            out.update({d + f"self_attn.q_proj.{kind}": q, d + f"self_attn.k_proj.{kind}": k,
-                        d + f"self_attn.v_proj.{kind}": v,
-                        d + f"self_attn.out_proj.{kind}": sd[s + f"attn.out_proj.{kind}"],
-                        d + f"layer_norm1.{kind}": sd[s + f"ln_1.{kind}"], d + f"layer_norm2.{kind}": sd[s + f"ln_2.{kind}"],
-                        d + f"mlp.fc1.{kind}": sd[s + f"mlp.c_fc.{kind}"], d + f"mlp.fc2.{kind}": sd[s + f"mlp.c_proj.{kind}"]})
+            out.update({s + f"attn.out_proj.{kind}": d + f"self_attn.out_proj.{kind}",
+                        s + f"ln_1.{kind}": d + f"layer_norm1.{kind}", s + f"ln_2.{kind}": d + f"layer_norm2.{kind}",
+                        s + f"mlp.c_fc.{kind}": d + f"mlp.fc1.{kind}", s + f"mlp.c_proj.{kind}": d + f"mlp.fc2.{kind}"})
+    return out
+
+
+_XATTN_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj", "q_layer_norm", "k_layer_norm"}
+_XATTN_MLP = {"gate_proj", "up_proj", "down_proj"}
+
+
+def xattn_name(block_index: int, name: str) -> str:
+    """Our cross-attention block parameter name -> IDEFICS name (shared by export and import)."""
+    base = name.split(".")[0]
+    prefix = "cross_attn." if base in _XATTN_ATTN else "mlp." if base in _XATTN_MLP else ""
+    return f"model.gated_cross_attn_layers.{block_index}.{prefix}{name}"
+
+
+def _vision_state(visual) -> dict[str, torch.Tensor]:
+    sd = {k: t.detach() for k, t in visual.state_dict().items()}
+    n = len(visual.transformer.resblocks)
+    out = {theirs: sd[ours] for ours, theirs in vision_names(n).items()}
+    for i in range(n):
+        d = f"model.vision_model.encoder.layers.{i}.self_attn."
+        for kind in ("weight", "bias"):
+            for x, t in zip("qkv", sd[f"transformer.resblocks.{i}.attn.in_proj_{kind}"].chunk(3, dim=0)):
+                out[d + f"{x}_proj.{kind}"] = t
     return out
 
 
@@ -120,16 +140,10 @@ def idefics_state_dict(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
                     p + "mlp.down_proj.weight": layer.down_proj.weight.detach(),
                     p + "input_layernorm.weight": layer.input_layernorm.weight.detach(),
                     p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight.detach()})
-    attn_names = {"q_proj", "k_proj", "v_proj", "o_proj", "q_layer_norm", "k_layer_norm"}
-    mlp_names = {"gate_proj", "up_proj", "down_proj"}
     for i, block in model.xattn_blocks():
-        p = f"model.gated_cross_attn_layers.{i // cfg.xattn.cross_layer_interval}."
         for name, t in block.state_dict().items():
-            if name.endswith("_extra_state"):  # megatron's placeholder for Transformer Engine state
-                continue
-            head_name = name.split(".")[0]
-            prefix = "cross_attn." if head_name in attn_names else "mlp." if head_name in mlp_names else ""
-            out[p + prefix + name] = t.detach()
+            if not name.endswith("_extra_state"):  # megatron's placeholder for Transformer Engine state
+                out[xattn_name(i // cfg.xattn.cross_layer_interval, name)] = t.detach()
     return out
 
 

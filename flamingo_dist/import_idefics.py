@@ -15,6 +15,7 @@ import os
 import torch
 
 from flamingo_dist.config import ModelConfig
+from flamingo_dist.export_idefics import vision_names, xattn_name
 from flamingo_dist.hf_llama import CheckpointError, SafetensorsDir, load_lm_weights
 
 _LM_PREFIXES = ("model.embed_tokens.weight", "model.layers.", "model.norm.weight", "lm_head.weight")
@@ -101,22 +102,6 @@ class _Filtered:
         return self.source.read(name, dim, start, stop)
 
 
-def _vision_names(num_layers: int) -> dict[str, str]:
-    """open_clip visual name -> IDEFICS name, for everything but the packed in_proj."""
-    p = "model.vision_model."
-    out = {"conv1.weight": p + "embeddings.patch_embedding.weight", "class_embedding": p + "embeddings.class_embedding",
-           "positional_embedding": p + "embeddings.position_embedding.weight",
-           "ln_pre.weight": p + "pre_layrnorm.weight", "ln_pre.bias": p + "pre_layrnorm.bias",
-           "ln_post.weight": p + "post_layernorm.weight", "ln_post.bias": p + "post_layernorm.bias"}
-    for i in range(num_layers):
-        s, d = f"transformer.resblocks.{i}.", f"{p}encoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            out.update({s + f"attn.out_proj.{kind}": d + f"self_attn.out_proj.{kind}",
-                        s + f"ln_1.{kind}": d + f"layer_norm1.{kind}", s + f"ln_2.{kind}": d + f"layer_norm2.{kind}",
-                        s + f"mlp.c_fc.{kind}": d + f"mlp.fc1.{kind}", s + f"mlp.c_proj.{kind}": d + f"mlp.fc2.{kind}"})
-    return out
-
-
 def load_idefics_weights(model, cfg: ModelConfig) -> None:
     """Load every weight of cfg.init_from into `model` (this rank's TP slices)."""
     src = SafetensorsDir(cfg.init_from)
@@ -145,8 +130,7 @@ def load_idefics_weights(model, cfg: ModelConfig) -> None:
         used.add("lm_head.additional_fc.weight")  # tied to additional_embedding
     # vision tower
     visual = model.vision.visual
-    vis_names = _vision_names(len(visual.transformer.resblocks))
-    for ours, theirs in vis_names.items():
+    for ours, theirs in vision_names(len(visual.transformer.resblocks)).items():
         put(visual.get_parameter(ours), full(theirs), theirs)
     for i, block in enumerate(visual.transformer.resblocks):
         d = f"model.vision_model.encoder.layers.{i}.self_attn."
@@ -160,11 +144,8 @@ def load_idefics_weights(model, cfg: ModelConfig) -> None:
     tp, r = lm.tp_size, lm.tp_rank
     interval = cfg.xattn.cross_layer_interval
     for i, block in model.xattn_blocks():
-        p = f"model.gated_cross_attn_layers.{i // interval}."
         for name, param in block.named_parameters():
-            base = name.split(".")[0]
-            theirs = p + ("cross_attn." if base in ("q_proj", "k_proj", "v_proj", "o_proj", "q_layer_norm", "k_layer_norm")
-                          else "mlp." if base in ("gate_proj", "up_proj", "down_proj") else "") + name
+            theirs = xattn_name(i // interval, name)
             value = full(theirs)
             if getattr(param, "tensor_model_parallel", False) and tp > 1:
                 value = value.chunk(tp, dim=param.partition_dim)[r]
