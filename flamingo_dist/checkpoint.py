@@ -16,12 +16,21 @@ gathered, and committed by rank 0. A crash before the commit leaves the previous
 the newest. Loading verifies the hashes first: a damaged file is named; `--resume auto` then
 falls back to the previous committed checkpoint and says so.
 
-Frozen weights are not saved: the base model is rebuilt from its path (or seed). Changing the
-data-parallel size or TP size on resume is refused here (resharding is issue 4's next part).
+Frozen weights are not saved: the base model is rebuilt from its path (or seed).
+
+Resharding. A checkpoint resumes at another data-parallel size (ZeRO 1/2/3) or TP size through
+DeepSpeed's universal checkpoint: on the first such resume rank 0 converts `ds/` once with
+DeepSpeed's own `ds_to_universal` into `universal/` beside it (one fp32 tensor, exp_avg and
+exp_avg_sq per parameter, TP shards merged by the patterns every save records in
+`universal_checkpoint_info`: row-parallel weights along dim 1, column-parallel along dim 0,
+the rest replicated), and every rank loads its new slice from it. The frozen LM simply reloads
+at the new TP size. The data position is the number of documents consumed globally, which means
+the same thing in every layout (see data/pipeline.py); RNG states come from rank 0's file.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -171,10 +180,11 @@ def save(trainer, root: str) -> str:
         os.makedirs(path)
     dist.barrier()
     trainer.engine.save_checkpoint(path, tag="ds", save_latest=False, exclude_frozen_parameters=True)
-    torch.save({"rng": rng_state(), "batches_drawn": trainer.batches_drawn}, os.path.join(path, f"rank{lay.rank}.pt"))
+    torch.save({"rng": rng_state()}, os.path.join(path, f"rank{lay.rank}.pt"))
     if lay.rank == 0:
         with open(os.path.join(path, "trainer.json"), "w") as f:
             json.dump({**dataclasses.asdict(trainer.state), "run_id": trainer.run_id,
+                       "documents_consumed": trainer.documents_consumed(),
                        "tp_size": lay.tp_size, "dp_size": lay.dp_size, "world_size": lay.world_size}, f, indent=1)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"job": dataclasses.asdict(trainer.cfg), "deepspeed": trainer.ds_config}, f, indent=1)
@@ -234,14 +244,84 @@ def resolve_resume(spec: str, root: str, log) -> str | None:
     return None
 
 
+def universal_info(model) -> dict:
+    """How each trainable tensor is laid out across TP ranks, in the form DeepSpeed's
+    ds_to_universal reads (`model.universal_checkpoint_info`, saved in every checkpoint):
+    megatron's row-parallel weights merge along dim 1, column-parallel ones along dim 0 (the
+    default), everything else is replicated on every TP rank."""
+    from deepspeed.checkpoint.constants import (PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
+                                                TP_REPLICATED_PARAMETER_PATTERNS)
+
+    row, replicated = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if not getattr(p, "tensor_model_parallel", False):
+            replicated.append(re.escape(name) + "$")
+        elif getattr(p, "partition_dim", 0) == 1:
+            row.append(re.escape(name) + "$")
+    return {PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row, TP_REPLICATED_PARAMETER_PATTERNS: replicated}
+
+
+def _to_universal(path: str, rank: int) -> str:
+    """Collective: `path/universal`, converted once by rank 0 with DeepSpeed's ds_to_universal
+    (into a temp folder, renamed when complete); a failure is raised on every rank."""
+    out = os.path.join(path, "universal")
+    error = None
+    if rank == 0 and not os.path.isdir(out):
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(input_folder=os.path.join(path, "ds"), output_folder=tmp, num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=False)
+        try:
+            ds_to_universal.main(args)
+            os.rename(tmp, out)
+        except Exception as e:  # reported to every rank below, never swallowed
+            import traceback
+
+            traceback.print_exc()
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"{path}: converting to a universal checkpoint failed: {type(e).__name__}: {e}"
+        finally:
+            for leftover in (os.path.join(path, "latest_universal"),):  # ds_to_universal's pointer file
+                if os.path.isfile(leftover):
+                    os.remove(leftover)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise CheckpointError(box[0])
+    return out
+
+
+def _load_engine(trainer, path: str, meta: dict, log) -> None:
+    """The DeepSpeed engine state: directly at the saved layout, through the universal checkpoint
+    at another one."""
+    lay, engine = trainer.layout, trainer.engine
+    kw = dict(load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if (meta["tp_size"], meta["dp_size"]) == (lay.tp_size, lay.dp_size):
+        # Frozen parameters are not in the checkpoint: only they may be missing from the module state.
+        engine.load_checkpoint(path, tag="ds", **kw)
+        return
+    log(f"resharding {path}: saved at TP {meta['tp_size']} x DP {meta['dp_size']}, "
+        f"this run is TP {lay.tp_size} x DP {lay.dp_size}")
+    _to_universal(path, lay.rank)
+    engine._config.load_universal_checkpoint = True  # DeepSpeed reads this flag at load time only
+    try:
+        engine.load_checkpoint(path, tag="universal", **kw)
+    finally:
+        engine._config.load_universal_checkpoint = False
+
+
 def load(trainer, path: str) -> None:
-    """Collective: restore engine, counters, RNG and data position from a verified checkpoint."""
+    """Collective: restore engine, counters, RNG and data position from a verified checkpoint,
+    resharding when the layout changed."""
     lay = trainer.layout
     with open(os.path.join(path, "trainer.json")) as f:
         meta = json.load(f)
-    if (meta["tp_size"], meta["dp_size"]) != (lay.tp_size, lay.dp_size):
-        raise CheckpointError(f"{path}: saved with TP {meta['tp_size']} x DP {meta['dp_size']}, this run is "
-                              f"TP {lay.tp_size} x DP {lay.dp_size}; resharding on resume is not supported yet")
+    same_layout = (meta["tp_size"], meta["dp_size"]) == (lay.tp_size, lay.dp_size)
     problems = []
     if lay.rank == 0:  # hashing (cached) on one rank; everyone learns the verdict
         with open(os.path.join(path, "base_model.json")) as f:
@@ -251,12 +331,10 @@ def load(trainer, path: str) -> None:
     if box[0]:
         raise CheckpointError(f"{path}: the frozen base model differs from the one this checkpoint was trained on: "
                               + "; ".join(box[0]))
-    # Frozen parameters are not in the checkpoint: only they may be missing from the module state.
-    trainer.engine.load_checkpoint(path, tag="ds", load_module_strict=False, load_optimizer_states=True,
-                                   load_lr_scheduler_states=True)
-    own = torch.load(os.path.join(path, f"rank{lay.rank}.pt"), weights_only=False)
+    _load_engine(trainer, path, meta, trainer.log)
+    own = torch.load(os.path.join(path, f"rank{lay.rank if same_layout else 0}.pt"), weights_only=False)
     set_rng_state(own["rng"])
-    trainer.skip_batches(own["batches_drawn"])
+    trainer.data_start = meta["documents_consumed"]
     fields = {f.name for f in dataclasses.fields(trainer.state)}
     for k, v in meta.items():
         if k in fields:

@@ -28,6 +28,10 @@ def apply_activation_checkpointing(model: Flamingo) -> None:
 def apply_deepspeed(model: nn.Module, cfg: JobConfig, ds_config: dict, mpu):
     import deepspeed
 
+    from flamingo_dist.checkpoint import universal_info
+
+    # saved in every checkpoint, so it can be resumed at another TP size (checkpoint.py)
+    model.universal_checkpoint_info = universal_info(model)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from flamingo_dist.config import JobConfig
+from flamingo_dist.data.layout import labelled_tokens
 
 # Fault injection for tests: "STEP:RANK" or "FIRST-LAST:RANK" makes RANK's loss NaN at those
 # optimizer steps (1-based).
@@ -48,7 +49,8 @@ class Trainer:
         self.ds_config_path = ds_config_path
         self.tracker = None
         self.run_id: str | None = None  # the MLflow run, kept across resumes
-        self.batches_drawn = 0  # micro-batches taken from the loader (the data position)
+        self.data_start = 0  # global documents consumed before this process's loader began
+        self.batches_drawn = 0  # micro-batches this process took from its loader
         self._fault = self._parse_fault(os.environ.get(FAULT_NAN_ENV))
 
     @staticmethod
@@ -81,11 +83,6 @@ class Trainer:
         self.engine = parallelize(self.model, cfg, ds_config, MegatronMPU())
         self.device = self.engine.device
         self.dp_group = dp_group()
-        d = cfg.data
-        self.loader = build_dataloader(shards, self.tokenizer, d.seq_len, d.max_images, d.image_size,
-                                       cfg.train.micro_batch_size, lay.dp_rank, lay.dp_size, cfg.train.seed,
-                                       d.num_workers)
-        self.batches = iter(self.loader)
         if cfg.checkpoint.resume:
             self._resume(cfg.checkpoint.resume)
         else:
@@ -100,6 +97,11 @@ class Trainer:
                 dist.barrier()
                 self.log(f"warning: {root} held committed checkpoints but this run starts fresh (pass --resume auto "
                          f"to continue from them); moved them to {aside}")
+        d = cfg.data  # the loader starts at the data position the resume restored
+        self.loader = build_dataloader(shards, self.tokenizer, d.seq_len, d.max_images, d.image_size,
+                                       cfg.train.micro_batch_size, lay.dp_rank, lay.dp_size, cfg.train.seed,
+                                       d.num_workers, start=self.data_start)
+        self.batches = iter(self.loader)
         if track:
             from flamingo_dist.tracking import Tracker
 
@@ -118,11 +120,10 @@ class Trainer:
         checkpoint.load(self, path)
         self.log(f"resumed from {path} at step {self.state.step}")
 
-    def skip_batches(self, n: int) -> None:
-        """Fast-forward the data to position n (the loader is deterministic for a seed)."""
-        for _ in range(n - self.batches_drawn):
-            next(self.batches)
-        self.batches_drawn = n
+    def documents_consumed(self) -> int:
+        """The data position: documents consumed globally, the same on every rank (every rank
+        draws the same number of micro-batches) and meaningful at any layout."""
+        return self.data_start + self.batches_drawn * self.cfg.train.micro_batch_size * self.layout.dp_size
 
     def save_checkpoint(self) -> str:
         from flamingo_dist import checkpoint
@@ -210,7 +211,7 @@ class Trainer:
     def _next_batch(self) -> dict:
         batch = next(self.batches)
         self.batches_drawn += 1
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return batch
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum_steps micro-batches."""
@@ -221,24 +222,29 @@ class Trainer:
         # Token-weighted sums over micro-batches (and below, data-parallel ranks), so layouts with
         # the same global batch log the same loss: loss*tokens, tokens, images, non-finite flags.
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # on device: nccl needs it
-        for _ in range(t.grad_accum_steps):
-            batch = self._next_batch()
+        # The step's labelled tokens over all micro-batches and data-parallel ranks, known before
+        # the first backward: each micro-batch's mean loss is weighted by its share of them, and
+        # DeepSpeed's 1/accumulation and 1/dp averaging undone, so the gradient is the token mean
+        # of the whole global batch in every layout (DP x accumulation) with the same global batch.
+        batches = [self._next_batch() for _ in range(t.grad_accum_steps)]
+        counts = [labelled_tokens(b["labels"]) for b in batches]
+        step_tokens = torch.tensor([float(sum(counts))], device=self.device)
+        if self.dp_group is not None and self.layout.dp_size > 1:
+            dist.all_reduce(step_tokens, group=self.dp_group)
+        scale = self.layout.dp_size * t.grad_accum_steps / max(1.0, step_tokens.item())
+        for batch, tokens in zip(batches, counts):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             loss, stats = eng(batch["input_ids"], batch["pixel_values"], batch["image_attention_mask"],
                               labels_BT=batch["labels"], z_loss=t.z_loss)
             if self._fault is not None and step in self._fault[0] and self.layout.rank == self._fault[1]:
                 loss = loss * float("nan")
-            # One collective per micro-batch: is the loss finite on every rank, and how many
-            # labelled tokens does the global micro-batch hold (TP ranks count the same tokens).
-            tokens = stats["tokens"].to(torch.float32)
-            agree = torch.stack([(~torch.isfinite(loss.detach())).float(), tokens])
-            dist.all_reduce(agree)
-            bad = agree[0].item() > 0
-            global_tokens = max(1.0, agree[1].item() / self.layout.tp_size)
-            # DeepSpeed averages gradients over DP ranks; weighting each rank's mean loss by its
-            # share of the tokens makes the gradient the global token mean, whatever the layout.
-            eng.backward(loss * (tokens * self.layout.dp_size / global_tokens))
+            # One collective per micro-batch: is the loss finite on every rank?
+            bad_flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+            dist.all_reduce(bad_flag)
+            bad = bad_flag.item() > 0
+            eng.backward(loss * (tokens * scale))
             eng.step()
-            sums += torch.tensor([0.0 if bad else loss.item() * tokens.item(), tokens.item(),
+            sums += torch.tensor([0.0 if bad else loss.item() * tokens, float(tokens),
                                   batch["num_images"].sum().item(), float(bad)], dtype=torch.float64,
                                  device=self.device)
         applied = eng.was_step_applied()

@@ -40,7 +40,7 @@ def test_pipeline_layout_and_mask_equal_idefics_processor(synthetic_corpus, toke
     from flamingo_dist.data.pipeline import InterleavedDataset, list_shards
 
     ds = InterleavedDataset(list_shards(synthetic_corpus), tokenizer, seq_len=128, max_images=3, image_size=32,
-                            dp_rank=0, dp_size=1, seed=0)
+                            micro_batch_size=1, dp_rank=0, dp_size=1, seed=0)
     processor = idefics_processor(tokenizer)
     checked = 0
     for sample in first_samples(synthetic_corpus, 12):
@@ -98,17 +98,31 @@ def test_tokenizer_gets_the_two_new_tokens_at_v_and_v_plus_1(tokenizer):
     assert tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<image>"]) == [VOCAB_SIZE, VOCAB_SIZE + 1]
 
 
-def test_dp_ranks_get_disjoint_documents_and_the_same_order_every_time(synthetic_corpus, tokenizer):
-    from flamingo_dist.data.pipeline import InterleavedDataset, list_shards
+def _documents(shards, tokenizer, micro_batch, rank, dp, workers, batches, start=0):
+    """The documents of a rank's first `batches` micro-batches, batch by batch."""
+    from flamingo_dist.data.pipeline import build_dataloader
 
-    def take(rank, n=10):
-        ds = InterleavedDataset(list_shards(synthetic_corpus), tokenizer, 64, 3, 32, rank, 2, seed=5)
-        it = iter(ds)
-        return [tuple(next(it)["input_ids"].tolist()) for _ in range(n)]
+    it = iter(build_dataloader(shards, tokenizer, 64, 3, 32, micro_batch, rank, dp, seed=5, num_workers=workers,
+                               start=start))
+    return [[tuple(row.tolist()) for row in next(it)["input_ids"]] for _ in range(batches)]
 
-    r0, r1 = take(0), take(1)
-    assert r0 == take(0)
-    assert not set(r0) & set(r1)
+
+def test_data_position_is_one_global_document_count_at_any_layout(synthetic_corpus, tokenizer):
+    from flamingo_dist.data.pipeline import list_shards
+
+    shards = list_shards(synthetic_corpus)  # 4 shards of 16 documents
+    stream = [b[0] for b in _documents(shards, tokenizer, 1, 0, 1, 0, 40)]  # one rank, one by one
+    assert len(set(stream)) == len(stream)
+    assert stream == [b[0] for b in _documents(shards, tokenizer, 1, 0, 1, 0, 40)]  # the same every time
+    # 2 ranks x 2 loader workers, micro-batch 2: rank r's j-th batch is global slot 2j + r, so after
+    # k batches on every rank exactly the first 4k documents are consumed (here across a shard boundary)
+    ranks = [_documents(shards, tokenizer, 2, r, 2, 2, 5) for r in range(2)]
+    for r in range(2):
+        for j, batch in enumerate(ranks[r]):
+            assert batch == stream[(2 * j + r) * 2:(2 * j + r) * 2 + 2], (r, j)
+    # resuming at document 12 on another layout (1 rank, micro-batch 4, 2 workers) continues the stream
+    resumed = _documents(shards, tokenizer, 4, 0, 1, 2, 5, start=12)
+    assert sum(resumed, []) == stream[12:32]
 
 
 def test_missing_shards_fail_naming_the_pattern(tmp_path):

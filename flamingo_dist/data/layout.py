@@ -65,3 +65,8 @@ def labels_for(input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, imag
     """-100 for padding, `<image>` and `<fake_token_around_image>`; `</s>` is predicted."""
     ignore = (attention_mask_BT == 0) | (input_ids_BT == image_token_id) | (input_ids_BT == fake_token_id)
     return input_ids_BT.masked_fill(ignore, IGNORE_INDEX)
+
+
+def labelled_tokens(labels_BT: torch.Tensor) -> int:
+    """How many next-token targets a batch has (the loss's denominator: labels shifted by one)."""
+    return int((labels_BT[:, 1:] != IGNORE_INDEX).sum())

@@ -1,8 +1,12 @@
 """Minimal interleaved-document pipeline: webdataset shards -> IDEFICS token layout -> batches.
 
-Each data-parallel rank reads every shard and keeps every dp_size-th document (TP ranks of one
-data-parallel group get the same batches); the order is reshuffled per epoch from the seed, so
-the same seed gives the same batches on every run. Documents longer than seq_len are truncated,
+The documents form one global stream (shard order reshuffled per epoch from the seed). It is cut
+into micro-batch slots of micro_batch_size documents, dealt round-robin to the data-parallel
+ranks (TP ranks of one group get the same batches), and a rank's slots round-robin to its loader
+workers in the order the DataLoader asks them. So after k micro-batches on every rank exactly the
+first k * dp_size * micro_batch_size documents are consumed, whatever the number of workers: the
+data position is that one number, `start` resumes there, and it means the same thing at any
+data-parallel size (a resume at another layout continues the same global stream). Documents longer than seq_len are truncated,
 shorter ones padded on the right; documents beyond max_images keep their first max_images images
 and the text before the next one. (Packing, mixtures, exact resume and bad-sample accounting are
 the data issue's.)
@@ -59,11 +63,13 @@ def image_transform(image_size: int):
 
 
 class InterleavedDataset(torch.utils.data.IterableDataset):
-    """Endless stream of tokenized documents for one data-parallel rank."""
+    """Endless stream of collated micro-batches for one data-parallel rank, from global document
+    `start` on."""
 
     def __init__(self, shards: list[str], tokenizer, seq_len: int, max_images: int, image_size: int,
-                 dp_rank: int, dp_size: int, seed: int):
+                 micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, start: int = 0):
         self.shards, self.tok = shards, tokenizer
+        self.micro_batch_size, self.start = micro_batch_size, start
         self.seq_len, self.max_images = seq_len, max_images
         self.image_size = image_size
         self.transform = image_transform(image_size)
@@ -80,16 +86,31 @@ class InterleavedDataset(torch.utils.data.IterableDataset):
             for sample in wds.tarfile_samples([{"url": path}]):
                 yield sample
 
+    def _stream(self) -> Iterator[tuple[int, dict]]:
+        """(global document index, raw sample) over epochs, forever."""
+        index, epoch = 0, 0
+        while True:
+            for sample in self._documents(epoch):
+                yield index, sample
+                index += 1
+            epoch += 1
+            if index == 0:
+                raise ValueError(f"data: the shards hold no documents ({self.shards[:3]}...)")
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        stride, offset = self.dp_size * nworkers, self.dp_rank * nworkers + wid
-        epoch = 0
-        while True:
-            for i, sample in enumerate(self._documents(epoch)):
-                if i % stride == offset:
-                    yield self.process(sample)
-            epoch += 1
+        mb, batch = self.micro_batch_size, []
+        for index, sample in self._stream():
+            if index < self.start:
+                continue
+            slot = (index - self.start) // mb
+            local_batch, owner = divmod(slot, self.dp_size)  # the owner's local_batch-th micro-batch
+            if owner == self.dp_rank and local_batch % nworkers == wid:
+                batch.append(self.process(sample))
+                if len(batch) == mb:
+                    yield torch.utils.data.default_collate(batch)
+                    batch = []
 
     def process(self, sample: dict) -> dict:
         from PIL import Image
@@ -123,7 +144,9 @@ class InterleavedDataset(torch.utils.data.IterableDataset):
 
 
 def build_dataloader(shards: list[str], tokenizer, seq_len: int, max_images: int, image_size: int,
-                     micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, num_workers: int = 0):
-    ds = InterleavedDataset(shards, tokenizer, seq_len, max_images, image_size, dp_rank, dp_size, seed)
-    return torch.utils.data.DataLoader(ds, batch_size=micro_batch_size, num_workers=num_workers,
+                     micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, num_workers: int = 0,
+                     start: int = 0):
+    ds = InterleavedDataset(shards, tokenizer, seq_len, max_images, image_size, micro_batch_size, dp_rank, dp_size,
+                            seed, start)
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
                                        persistent_workers=num_workers > 0)

@@ -72,6 +72,10 @@ def _column_cls():
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
     class _Column(ColumnParallelLinear):
+        # megatron's always-None `_extra_state` (Transformer Engine's FP8 metadata) stays out of
+        # our state dicts: checkpoints and exports hold tensors only
+        get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state
+
         def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
             return super().forward(x, weight=weight)[0]
 
@@ -83,6 +87,8 @@ def _row_cls():
     from megatron.core.tensor_parallel import RowParallelLinear
 
     class _Row(RowParallelLinear):
+        get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state  # as _Column
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             return super().forward(x)[0]
 
