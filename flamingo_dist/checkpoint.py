@@ -263,10 +263,11 @@ def universal_info(model) -> dict:
     return {PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row, TP_REPLICATED_PARAMETER_PATTERNS: replicated}
 
 
-def _to_universal(path: str, rank: int) -> str:
-    """Collective: `path/universal`, converted once by rank 0 with DeepSpeed's ds_to_universal
-    (into a temp folder, renamed when complete); a failure is raised on every rank."""
-    out = os.path.join(path, "universal")
+def _to_universal(path: str, rank: int, out: str | None = None) -> str:
+    """Collective: the universal form of checkpoint `path` (default `path/universal`), converted
+    once by rank 0 with DeepSpeed's ds_to_universal (into a temp folder, renamed when complete);
+    a failure is raised on every rank."""
+    out = out or os.path.join(path, "universal")
     error = None
     if rank == 0 and not os.path.isdir(out):
         from deepspeed.checkpoint import ds_to_universal
@@ -286,9 +287,9 @@ def _to_universal(path: str, rank: int) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
             error = f"{path}: converting to a universal checkpoint failed: {type(e).__name__}: {e}"
         finally:
-            for leftover in (os.path.join(path, "latest_universal"),):  # ds_to_universal's pointer file
-                if os.path.isfile(leftover):
-                    os.remove(leftover)
+            pointer = os.path.join(os.path.dirname(out), "latest_universal")  # ds_to_universal's, unused here
+            if os.path.isfile(pointer):
+                os.remove(pointer)
     box = [error]
     dist.broadcast_object_list(box, src=0)
     if box[0]:
@@ -372,9 +373,15 @@ def prune(root: str, keep_last: int, keep_every: int, rank: int) -> threading.Th
 
 
 def model_from_checkpoint(path: str, dtype: torch.dtype = torch.float32):
-    """(model, job config) of a committed TP=1 checkpoint, in one process: frozen weights rebuilt
-    from the base model (path or seed), trainable weights consolidated from the ZeRO shards by
-    DeepSpeed's own zero_to_fp32. Needs an initialised process group (a world of one will do)."""
+    """(model, job config) of a committed checkpoint at any layout, in one process (TP=1):
+    frozen weights rebuilt from the base model (path or seed), trainable weights consolidated
+    from the ZeRO partitions (and TP shards) by DeepSpeed's own tools: zero_to_fp32 for a TP=1
+    checkpoint, the universal checkpoint otherwise (`path/universal` when a resume already made
+    it, else a temporary one, so a read-only checkpoint works). Needs an initialised process
+    group (a world of one will do)."""
+    import tempfile
+
+    from deepspeed.checkpoint.constants import PARAM
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from flamingo_dist.build import build_model, resolve_model_config
@@ -386,14 +393,20 @@ def model_from_checkpoint(path: str, dtype: torch.dtype = torch.float32):
         cfg = config_from_dict(json.load(f)["job"])
     with open(os.path.join(path, "trainer.json")) as f:
         meta = json.load(f)
-    if meta["tp_size"] != 1:
-        raise CheckpointError(f"{path}: saved at TP {meta['tp_size']}; consolidating TP shards is not supported yet "
-                              "(resume it at TP=1 first once resharding lands, issue 4)")
+    cfg.parallel.tensor_parallel_size = 1
     resolve_model_config(cfg.model)
     model = build_model(cfg.model, tp_group(), cfg.train.seed, dtype)
-    trained = get_fp32_state_dict_from_zero_checkpoint(path, tag="ds", exclude_frozen_parameters=True)
-    result = model.load_state_dict(trained, strict=False)
     trainable = {n for n, p in model.named_parameters() if _is_trainable(model, n)}
+    if meta["tp_size"] == 1:
+        trained = get_fp32_state_dict_from_zero_checkpoint(path, tag="ds", exclude_frozen_parameters=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="flamingo-universal-") as tmp:
+            made = os.path.join(path, "universal")
+            folder = os.path.join(made if os.path.isdir(made) else _to_universal(path, 0, os.path.join(tmp, "u")),
+                                  "zero")
+            trained = {n: torch.load(os.path.join(folder, n, "fp32.pt"), weights_only=False)[PARAM]
+                       for n in sorted(trainable) if os.path.isdir(os.path.join(folder, n))}
+    result = model.load_state_dict(trained, strict=False)
     missing_trainable = sorted(set(result.missing_keys) & trainable)
     if missing_trainable or result.unexpected_keys:
         raise CheckpointError(f"{path}: trainable weights do not match the model (missing {missing_trainable[:5]}, "

@@ -142,8 +142,7 @@ def idefics_state_dict(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
                     p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight.detach()})
     for i, block in model.xattn_blocks():
         for name, t in block.state_dict().items():
-            if not name.endswith("_extra_state"):  # megatron's placeholder for Transformer Engine state
-                out[xattn_name(i // cfg.xattn.cross_layer_interval, name)] = t.detach()
+            out[xattn_name(i // cfg.xattn.cross_layer_interval, name)] = t.detach()
     return out
 
 

@@ -1,5 +1,6 @@
-"""The whole Flamingo model (cross-attention blocks included, gates open) is the same function
-with the same gradients at TP=2 as at TP=1."""
+"""The whole Flamingo model (cross-attention blocks with q/k norms included, gates open) is the
+same function with the same gradients at TP=2 as at TP=1; replicated weights get the same
+gradient on every TP rank."""
 
 import torch
 
@@ -13,7 +14,7 @@ def _forward_backward(layout):
     from flamingo_dist.parallelize import apply_freeze
 
     cfg = load_config(None, [f"parallel.tensor_parallel_size={layout.tp_size}", "model.lm.num_kv_heads=2",
-                             "model.xattn.alpha_type=vector"])
+                             "model.xattn.alpha_type=vector", "model.xattn.qk_layer_norms=true"])
     model = build_model(cfg.model, tp_group(), seed=7)
     apply_freeze(model)
     with torch.no_grad():

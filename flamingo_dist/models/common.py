@@ -12,16 +12,20 @@ class RMSNorm(nn.Module):
     """LLaMA's RMSNorm: normalise in fp32, scale in the input dtype (as transformers does, so
     the frozen LM matches its reference bit for bit in fp32)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, shared_weight_grad=None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # for a weight every TP rank holds but applies to its own heads only: sums its gradient
+        # over the TP ranks (LinearFactory.sum_grad_over_tp), so the copies stay equal
+        self.shared_weight_grad = shared_weight_grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        weight = self.weight if self.shared_weight_grad is None else self.shared_weight_grad(self.weight)
+        return weight * x32.to(dtype)
 
 
 class LinearFactory(Protocol):
@@ -35,6 +39,11 @@ class LinearFactory(Protocol):
 
     def row(self, in_features: int, out_features: int) -> nn.Module: ...
 
+    def sum_grad_over_tp(self, t: torch.Tensor) -> torch.Tensor:
+        """Identity forward; the gradient summed over the TP ranks (for a replicated weight that
+        each rank applies to its own heads only, e.g. the per-head q/k norms)."""
+        ...
+
 
 class LocalLinears:
     """The single-process factory: plain nn.Linear without bias."""
@@ -46,6 +55,9 @@ class LocalLinears:
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=False)
+
+    def sum_grad_over_tp(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,13 @@ class TPLinears:
                          init_method=_noinit, bias=False, input_is_parallel=True, skip_bias_add=False,
                          tp_group=self.tp_group)
 
+    def sum_grad_over_tp(self, t: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return t
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        return copy_to_tensor_model_parallel_region(t, group=self.tp_group)
+
 
 @functools.cache  # megatron is imported lazily; the subclasses are made once
 def _column_cls():
@@ -75,6 +82,10 @@ def _column_cls():
         # megatron's always-None `_extra_state` (Transformer Engine's FP8 metadata) stays out of
         # our state dicts: checkpoints and exports hold tensors only
         get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._load_state_dict_pre_hooks.clear()  # megatron's one pre-hook inserts `_extra_state`
 
         def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
             return super().forward(x, weight=weight)[0]
@@ -88,6 +99,10 @@ def _row_cls():
 
     class _Row(RowParallelLinear):
         get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state  # as _Column
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._load_state_dict_pre_hooks.clear()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             return super().forward(x)[0]

@@ -49,8 +49,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.o_proj = linears.row(num_heads * self.head_dim, hidden_size)
         self.qk_layer_norms = qk_layer_norms
         if qk_layer_norms:
-            self.q_layer_norm = RMSNorm(self.head_dim, eps)
-            self.k_layer_norm = RMSNorm(self.head_dim, eps)
+            # one weight for all heads, while a TP rank sees only its heads: gradient summed over TP
+            self.q_layer_norm = RMSNorm(self.head_dim, eps, linears.sum_grad_over_tp)
+            self.k_layer_norm = RMSNorm(self.head_dim, eps, linears.sum_grad_over_tp)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
         self.gate_proj = linears.column(hidden_size, intermediate_size)
         self.up_proj = linears.column(hidden_size, intermediate_size)
