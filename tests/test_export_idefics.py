@@ -64,6 +64,16 @@ def test_stock_idefics_on_the_export_gives_our_logits(world1, tmp_path, alpha_ty
     assert rel <= 1e-4, f"relative error {rel:.2e}"
     with torch.no_grad():  # and the images matter, so the comparison covers the vision path
         assert (model.logits(ids, torch.randn_like(pixels), mask) - ours).abs().max() > 1e-2
+    # greedy generation of 20 tokens: the same tokens as stock IDEFICS' generate
+    from flamingo_dist.generate import greedy
+
+    prompt = ids[:, :14]  # ends after the second image, before row 1's </s>
+    mine = greedy(model, prompt, pixels, mask[:, :14], 20, stop_token_ids=(2,), pad_token_id=0)
+    out = hf.generate(input_ids=prompt, pixel_values=pixels, image_attention_mask=mask[:, :14], max_new_tokens=20,
+                      do_sample=False, num_beams=1, eos_token_id=2, pad_token_id=0)
+    theirs = out[:, 14:]
+    assert mine.shape == theirs.shape and mine.shape[1] >= 1
+    assert torch.equal(mine, theirs), f"ours {mine.tolist()} vs IDEFICS {theirs.tolist()}"
 
 
 @pytest.mark.parametrize("sets,reason", [
