@@ -87,3 +87,30 @@ def test_unrepresentable_models_are_refused_with_the_reason(world1, tmp_path, se
     model, cfg = trained_like(world1, *sets)
     with pytest.raises(ExportError, match=reason):
         export_idefics(model, cfg.model, str(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"ls_init_value": 0.1}, "layer scale"),
+    ({"attentional_pool": True}, "attentional pooling"),
+])
+def test_vision_towers_that_are_not_a_plain_vit_are_refused(tmp_path, change, reason):
+    import json
+    import os
+
+    import open_clip
+
+    from flamingo_dist.export_idefics import ExportError, check_exportable
+    from flamingo_dist.models import vision
+
+    with open(os.path.join(vision._ASSETS, "flamingo-debug-vit.json")) as f:
+        spec = json.load(f)
+    spec["vision_cfg"].update(change)
+    name = f"flamingo-test-{reason.replace(' ', '-')}"
+    with open(tmp_path / f"{name}.json", "w") as f:
+        json.dump(spec, f)
+    open_clip.add_model_config(str(tmp_path / f"{name}.json"))
+    visual = open_clip.create_model(name).visual
+    with pytest.raises(ExportError, match=reason):
+        check_exportable(load_config(None, []).model, visual)
+    plain = vision.build_vision_encoder("flamingo-debug-vit", None, "gelu").visual
+    check_exportable(load_config(None, []).model, plain)  # the unchanged tower passes
