@@ -308,6 +308,11 @@ def _load_engine(trainer, path: str, meta: dict, log) -> None:
         return
     log(f"resharding {path}: saved at TP {meta['tp_size']} x DP {meta['dp_size']}, "
         f"this run is TP {lay.tp_size} x DP {lay.dp_size}")
+    with open(os.path.join(path, "config.json")) as f:
+        saved_batch = json.load(f)["deepspeed"].get("train_batch_size")
+    if saved_batch != trainer.ds_config.get("train_batch_size"):
+        log(f"warning: the global batch changes from {saved_batch} to {trainer.ds_config.get('train_batch_size')} "
+            "documents per step (micro-batch x accumulation x data-parallel size); the run continues with it")
     _to_universal(path, lay.rank)
     engine._config.load_universal_checkpoint = True  # DeepSpeed reads this flag at load time only
     try:
@@ -323,6 +328,9 @@ def load(trainer, path: str) -> None:
     with open(os.path.join(path, "trainer.json")) as f:
         meta = json.load(f)
     same_layout = (meta["tp_size"], meta["dp_size"]) == (lay.tp_size, lay.dp_size)
+    if "documents_consumed" not in meta:
+        raise CheckpointError(f"{path}: written by an older flamingo_dist that kept no global data position, so "
+                              "it cannot be resumed exactly; export it (tools/export_idefics.py) instead")
     problems = []
     if lay.rank == 0:  # hashing (cached) on one rank; everyone learns the verdict
         with open(os.path.join(path, "base_model.json")) as f:
