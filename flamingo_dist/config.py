@@ -237,6 +237,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Stop and requeue under SLURM (see flamingo_dist/slurm.py and launchers/)."""
+
+    signal_lead_s: int = 120
+    """Seconds before the time limit that SLURM sends the stop signal (the launchers set it); a
+    signal with less than this plus 60 s left counts as a time-out, any other as a preemption."""
+    max_timeout_requeues: int = 3
+    """Requeues allowed after time-outs (preemptions requeue without limit)."""
+
+
+@dataclass
 class JobConfig:
     """Everything one training run needs."""
 
@@ -254,6 +265,8 @@ class JobConfig:
     """Tracking and outputs."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints and resume."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """Preemption-safe stop and requeue under SLURM."""
 
 
 # --------------------------------------------------------------------------------------------

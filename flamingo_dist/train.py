@@ -51,27 +51,39 @@ def main(argv=None) -> int:
         print(f"error: --deepspeed {args.deepspeed}: no such file", file=sys.stderr)
         return 2
 
+    from flamingo_dist import slurm
+
+    if slurm.under_slurm() and "RANK" not in os.environ:  # a task started by srun
+        slurm.export_torch_env()
+    stop_flag = slurm.StopFlag().install()  # from here on a stop signal only sets the flag
+
     from flamingo_dist.parallel import destroy_distributed, init_distributed
     from flamingo_dist.trainer import Trainer
 
     layout = init_distributed(cfg.parallel.tensor_parallel_size)
     trainer = Trainer(cfg, args.deepspeed, layout)
-    status = "FAILED"
+    trainer.stop_flag = stop_flag
+    status, code = "FAILED", 0
     try:
         trainer.build()
         trainer.log(f"started in {time.time() - _START:.1f}s; "
                     f"world {layout.world_size} = TP {layout.tp_size} x DP {layout.dp_size} on {layout.device}; "
                     f"run dir {cfg.tracking.run_dir}; MLflow run {trainer.tracker.run_id if trainer.tracker else None}")
         state = trainer.train()
-        trainer.log(f"done: {state.step} steps, {state.skipped_steps} skipped, {state.tokens_seen} tokens")
-        status = "FINISHED"
+        if trainer.stopped:
+            status = "KILLED"
+            code = slurm.finish_stop(cfg.tracking.run_dir, layout.rank, cfg.slurm.signal_lead_s,
+                                     cfg.slurm.max_timeout_requeues, trainer.log)
+        else:
+            trainer.log(f"done: {state.step} steps, {state.skipped_steps} skipped, {state.tokens_seen} tokens")
+            status = "FINISHED"
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         trainer.close(status)
         destroy_distributed()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

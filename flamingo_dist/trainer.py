@@ -52,6 +52,8 @@ class Trainer:
         self.data_start = 0  # global documents consumed before this process's loader began
         self.batches_drawn = 0  # micro-batches this process took from its loader
         self._fault = self._parse_fault(os.environ.get(FAULT_NAN_ENV))
+        self.stop_flag = None  # a flamingo_dist.slurm.StopFlag: stop (saving) at the next step boundary
+        self.stopped = False  # training ended early on a stop signal, after a committed checkpoint
 
     @staticmethod
     def _parse_fault(spec: str | None) -> tuple[range, int] | None:
@@ -147,6 +149,14 @@ class Trainer:
             return bool(due.item())
         return False
 
+    def _stop_requested(self) -> bool:
+        """Collective: did a stop signal reach any rank? (One all-reduce per step.)"""
+        if self.stop_flag is None:
+            return False
+        flag = torch.tensor([1.0 if self.stop_flag.raised else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
     def _data_paths(self) -> tuple[list[str], str]:
         from flamingo_dist.data.pipeline import list_shards
         from flamingo_dist.data.synthetic import ensure_corpus
@@ -157,13 +167,16 @@ class Trainer:
             if tok_dir is None:
                 raise ValueError("data.tokenizer: needed when data.shards is set and no checkpoint is given")
             return list_shards(d.shards), tok_dir
-        if lay.local_rank == 0:  # one writer per host; the others wait at the barrier
-            if self.cfg.model.lm.path or self.cfg.model.init_from:
-                raise ValueError("data.shards: the synthetic corpus is only for random LMs; with a checkpoint "
-                                 "give data.shards (its word tokenizer cannot stand in for the checkpoint's)")
-            vocab = self.cfg.model.lm.vocab_size
-            ensure_corpus(d.synthetic_dir, d.synthetic_num_docs, seed=0, side=d.image_size, vocab_size=vocab)
-        dist.barrier()
+        if self.cfg.model.lm.path or self.cfg.model.init_from:
+            raise ValueError("data.shards: the synthetic corpus is only for random LMs; with a checkpoint "
+                             "give data.shards (its word tokenizer cannot stand in for the checkpoint's)")
+        vocab = self.cfg.model.lm.vocab_size
+        # Rank 0 writes first; then the first rank of every other host, only if its directory is
+        # node-local (on a shared filesystem it finds rank 0's complete corpus): never two writers.
+        for writers in (lay.rank == 0, lay.local_rank == 0 and lay.rank != 0):
+            if writers:
+                ensure_corpus(d.synthetic_dir, d.synthetic_num_docs, seed=0, side=d.image_size, vocab_size=vocab)
+            dist.barrier()
         tok_dir = d.tokenizer or self.cfg.model.lm.path or os.path.join(d.synthetic_dir, "tokenizer")
         return list_shards(d.synthetic_dir), tok_dir
 
@@ -194,6 +207,12 @@ class Trainer:
                         "stopping. Lower train.lr, check the data, or try train.precision: fp32 to debug.")
                 if self._save_due():
                     self.save_checkpoint()
+                if self._stop_requested():
+                    if self._last_save[0] != self.state.step:
+                        self.save_checkpoint()
+                    self.log(f"stop signal: stopped after step {self.state.step} with a committed checkpoint")
+                    self.stopped = True
+                    return self.state
             if self.cfg.checkpoint.at_end and self._last_save[0] != self.state.step:
                 self.save_checkpoint()
         finally:

@@ -148,5 +148,7 @@ def build_dataloader(shards: list[str], tokenizer, seq_len: int, max_images: int
                      start: int = 0):
     ds = InterleavedDataset(shards, tokenizer, seq_len, max_images, image_size, micro_batch_size, dp_rank, dp_size,
                             seed, start)
+    from flamingo_dist.slurm import ignore_stop_signals
+
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0)
+                                       persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
