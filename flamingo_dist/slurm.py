@@ -30,8 +30,12 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # whichever the launcher asked 
 EXIT_REQUEUED = 3  # a task's exit status after a stop that requeued the job (the job restarts anyway)
 
 
-def under_slurm() -> bool:
-    return "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ
+def started_by_srun() -> bool:
+    """A task of a SLURM job step (srun, as submitit uses it), not a process torchrun started
+    inside one: SLURM's variables then describe this rank and override stale RANK/WORLD_SIZE
+    inherited from the submitting shell."""
+    e = os.environ
+    return all(k in e for k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_ID")) and "TORCHELASTIC_RUN_ID" not in e
 
 
 def _hostnames(nodelist: str) -> list[str]:
@@ -48,8 +52,9 @@ def master_port(job_id: str) -> int:
 
 
 def export_torch_env() -> dict[str, str]:
-    """Set torch.distributed's variables from SLURM's (a task started by srun or submitit). Values
-    already set (e.g. MASTER_PORT by the user) win. Returns what was set."""
+    """Set torch.distributed's variables from SLURM's (a task started by srun or submitit). A
+    MASTER_ADDR or MASTER_PORT already in the environment (set by the user) wins. Returns what
+    was set."""
     e = os.environ
     ntasks = int(e.get("SLURM_NTASKS") or e.get("SLURM_NPROCS") or "1")
     nnodes = int(e.get("SLURM_JOB_NUM_NODES") or e.get("SLURM_NNODES") or "1")

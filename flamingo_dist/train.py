@@ -38,7 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from flamingo_dist import slurm
+
+    stop_flag = slurm.StopFlag().install()  # first: from here on a stop signal only sets the flag
     args = parse_args(argv)
+    if slurm.started_by_srun() and args.local_rank is None:  # one srun task per rank (not torchrun's)
+        slurm.export_torch_env()
     try:
         overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
         cfg = load_config(args.config, overrides)
@@ -50,12 +55,6 @@ def main(argv=None) -> int:
     if not os.path.isfile(args.deepspeed):
         print(f"error: --deepspeed {args.deepspeed}: no such file", file=sys.stderr)
         return 2
-
-    from flamingo_dist import slurm
-
-    if slurm.under_slurm() and "RANK" not in os.environ:  # a task started by srun
-        slurm.export_torch_env()
-    stop_flag = slurm.StopFlag().install()  # from here on a stop signal only sets the flag
 
     from flamingo_dist.parallel import destroy_distributed, init_distributed
     from flamingo_dist.trainer import Trainer

@@ -207,7 +207,7 @@ class Trainer:
                         "stopping. Lower train.lr, check the data, or try train.precision: fp32 to debug.")
                 if self._save_due():
                     self.save_checkpoint()
-                if self._stop_requested():
+                if self.state.step < t.steps and self._stop_requested():  # the last step just finishes
                     if self._last_save[0] != self.state.step:
                         self.save_checkpoint()
                     self.log(f"stop signal: stopped after step {self.state.step} with a committed checkpoint")

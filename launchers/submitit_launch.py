@@ -98,7 +98,8 @@ def main(argv=None) -> int:
 
     params = dict(nodes=args.nodes, ntasks_per_node=tasks_per_node, cpus_per_task=args.cpus_per_task,
                   time=args.time, job_name=args.job_name, signal_delay_s=args.signal_lead,
-                  srun_args=["--kill-on-bad-exit=1"], stderr_to_stdout=True)
+                  srun_args=["--kill-on-bad-exit=1"], stderr_to_stdout=True,
+                  setup=["trap '' USR2  # the batch shell ignores the stop signal; the training tasks act on it"])
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
     for key in ("mem", "partition", "account", "qos", "constraint"):

@@ -51,8 +51,10 @@ def test_preemptions_requeue_without_limit_and_timeouts_up_to_the_setting(tmp_pa
 def test_slurm_variables_become_torch_distributed_ones(monkeypatch):
     from flamingo_dist import slurm
 
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # export_torch_env writes os.environ: keep it here
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        os.environ.pop(k, None)
+    os.environ["RANK"] = "0"  # stale, inherited from the submitting shell: SLURM's value wins
     monkeypatch.setenv("MASTER_ADDR", "node7")  # set by the user: kept (no scontrol needed)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_PROCID", "5")
@@ -96,7 +98,7 @@ def test_launcher_dry_run_prints_the_sbatch_script_and_bad_input_fails_before_su
                  "#SBATCH --cpus-per-task=12", "#SBATCH --mem=0", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
                  "#SBATCH --qos=high", "#SBATCH --constraint=h100", "#SBATCH --time=4320", "#SBATCH --exclusive",
                  "#SBATCH --reservation=r1", "#SBATCH --job-name=fl", "#SBATCH --requeue", "#SBATCH --signal=USR2@120",
-                 "--kill-on-bad-exit=1"):
+                 "--kill-on-bad-exit=1", "trap '' USR2"):
         assert line in script, line
     for bad, message in ((["--nodes", "0"], "--nodes"), (["--set", "parallel.tensor_parallel_size=3"], "tensor_parallel"),
                          (["--deepspeed", "nowhere.json"], "nowhere.json")):

@@ -87,9 +87,13 @@ def sacct(cluster, jid: str) -> tuple[str, int]:
     return state, int(m.group(1)) if m else -1
 
 
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
 def job_finished(cluster, jid: str) -> str | None:
-    state = cluster.slurm("squeue", "-h", "-j", jid, "-o", "%T", check=False).stdout.strip()
-    return None if state else (sacct(cluster, jid)[0] or None)
+    """The final state once accounting shows the job ended (a requeued job runs again first)."""
+    state = sacct(cluster, jid)[0]
+    return state if state in ENDED else None
 
 
 @pytest.fixture(scope="module")
