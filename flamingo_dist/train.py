@@ -37,6 +37,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def checked_inputs(config: str | None, overrides: list[str], deepspeed: str, world_size: int):
+    """The validated job config for this world size; ConfigError naming every problem (a bad
+    field, a missing DeepSpeed config) before anything heavy is imported."""
+    cfg = load_config(config, overrides)
+    validate(cfg, world_size=world_size)
+    if not os.path.isfile(deepspeed):
+        raise ConfigError(f"--deepspeed {deepspeed}: no such file")
+    return cfg
+
+
 def main(argv=None) -> int:
     from flamingo_dist import slurm
 
@@ -46,14 +56,9 @@ def main(argv=None) -> int:
         slurm.export_torch_env()
     try:
         overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-        cfg = load_config(args.config, overrides)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        validate(cfg, world_size=world)
+        cfg = checked_inputs(args.config, overrides, args.deepspeed, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not os.path.isfile(args.deepspeed):
-        print(f"error: --deepspeed {args.deepspeed}: no such file", file=sys.stderr)
         return 2
 
     from flamingo_dist.parallel import destroy_distributed, init_distributed

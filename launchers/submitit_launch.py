@@ -65,7 +65,8 @@ def _sbatch_extra(items: list[str]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from flamingo_dist.config import ConfigError, load_config, validate
+    from flamingo_dist.config import ConfigError
+    from flamingo_dist.train import checked_inputs
 
     tasks_per_node = args.tasks_per_node or args.gpus_per_node
     if args.nodes < 1:
@@ -79,13 +80,9 @@ def main(argv=None) -> int:
         train_argv += ["--config", os.path.abspath(args.config)]
     overrides = list(args.set) + [f"slurm.signal_lead_s={args.signal_lead}"]
     try:  # fail here, not in the queue
-        cfg = load_config(args.config, overrides)
-        validate(cfg, world_size=args.nodes * tasks_per_node)
+        cfg = checked_inputs(args.config, overrides, args.deepspeed, args.nodes * tasks_per_node)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not os.path.isfile(args.deepspeed):
-        print(f"error: --deepspeed {args.deepspeed}: no such file", file=sys.stderr)
         return 2
     train_argv += ["--set", f"slurm.signal_lead_s={args.signal_lead}", "--resume", "auto"]
     folder = os.path.abspath(args.log_folder or os.path.join(cfg.tracking.run_dir, "slurm"))
