@@ -3,8 +3,12 @@ token reuses the last prompt row of the image attention mask (it sees the images
 token sees), a row that produced a stop token is padded from then on, and decoding ends when
 every row has stopped or after max_new_tokens.
 
-This is the reference decoder: it recomputes the whole sequence (vision encoder included) for
-every new token. Works at any TP size (every TP rank of a group computes the same tokens).
+By default the decoder is incremental (`models.flamingo.GenerationCache`): the vision encoder and
+the resampler run once per prompt, each cross-attention block computes the media's keys and
+values once, and each LM layer keeps the keys and values of the tokens so far, so a new token
+costs one token's forward. `use_cache=False` recomputes the whole sequence for every token (the
+reference the cached path is tested against). Works at any TP size (every TP rank of a group
+computes the same tokens).
 """
 
 from __future__ import annotations
@@ -15,20 +19,30 @@ import torch
 @torch.no_grad()
 def greedy(model, input_ids_BT: torch.Tensor, pixel_values_BNCP: torch.Tensor | None,
            image_attention_mask_BTN: torch.Tensor | None, max_new_tokens: int,
-           stop_token_ids: tuple[int, ...] = (), pad_token_id: int = 0) -> torch.Tensor:
+           stop_token_ids: tuple[int, ...] = (), pad_token_id: int = 0, use_cache: bool = True) -> torch.Tensor:
     """The new tokens [B, <= max_new_tokens] (prompts must not be padded)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ids, mask = input_ids_BT, image_attention_mask_BTN
-    stops = torch.tensor(sorted(stop_token_ids), dtype=ids.dtype, device=ids.device)
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
-        next_B = model.logits(ids, pixel_values_BNCP, mask)[:, -1].argmax(dim=-1)
-        next_B = next_B.masked_fill(done, pad_token_id)
+    from flamingo_dist.models.flamingo import GenerationCache
+
+    mask = image_attention_mask_BTN
+    row_B1N = mask[:, -1:] if mask is not None else None  # the image row every new token reuses
+    stops = torch.tensor(sorted(stop_token_ids), dtype=input_ids_BT.dtype, device=input_ids_BT.device)
+    done = torch.zeros(input_ids_BT.shape[0], dtype=torch.bool, device=input_ids_BT.device)
+    cache = GenerationCache() if use_cache else None
+    ids, new = input_ids_BT, []
+    logits_B = model.logits(ids, pixel_values_BNCP, mask, cache=cache)[:, -1]
+    for step in range(max_new_tokens):
+        next_B = logits_B.argmax(dim=-1).masked_fill(done, pad_token_id)
         done = done | torch.isin(next_B, stops)
-        ids = torch.cat([ids, next_B[:, None]], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask, mask[:, -1:]], dim=1)
-        if bool(done.all()):
+        new.append(next_B)
+        if bool(done.all()) or step == max_new_tokens - 1:
             break
-    return ids[:, input_ids_BT.shape[1]:]
+        if cache is not None:
+            logits_B = model.logits(next_B[:, None], None, row_B1N, cache=cache)[:, -1]
+        else:
+            ids = torch.cat([ids, next_B[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, row_B1N], dim=1)
+            logits_B = model.logits(ids, pixel_values_BNCP, mask)[:, -1]
+    return torch.stack(new, dim=1)

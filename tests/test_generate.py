@@ -13,7 +13,7 @@ class Scripted:
     def __init__(self, script: list[list[int]], vocab: int = 10):
         self.script, self.vocab, self.masks = script, vocab, []
 
-    def logits(self, ids, pixels, mask):
+    def logits(self, ids, pixels, mask, cache=None):
         self.masks.append(None if mask is None else mask.clone())
         step = len(self.masks) - 1
         out = torch.zeros(ids.shape[0], ids.shape[1], self.vocab)
@@ -26,10 +26,10 @@ def test_rows_stop_at_a_stop_token_and_are_padded_until_all_stop():
     model = Scripted([[5, 2, 7, 7], [6, 6, 3, 7]])
     prompt = torch.ones(2, 3, dtype=torch.long)
     mask = torch.tensor([[[1, 0], [1, 0], [0, 1]], [[1, 0], [0, 1], [0, 0]]])
-    out = greedy(model, prompt, None, mask, 10, stop_token_ids=(2, 3), pad_token_id=0)
+    out = greedy(model, prompt, None, mask, 10, stop_token_ids=(2, 3), pad_token_id=0, use_cache=False)
     assert out.tolist() == [[5, 2, 0], [6, 6, 3]]  # row 0 stopped at 2 and is padded; both stopped after 3
     assert len(model.masks) == 3
-    for k, seen in enumerate(model.masks):  # every new token repeats the last prompt row of the mask
+    for k, seen in enumerate(model.masks):  # (uncached) every new token repeats the last prompt row of the mask
         assert seen.shape == (2, 3 + k, 2)
         assert torch.equal(seen[:, 3:], mask[:, -1:].expand(2, k, 2))
 
@@ -39,3 +39,50 @@ def test_max_new_tokens_bounds_the_output_and_must_be_positive():
     assert greedy(model, torch.ones(1, 2, dtype=torch.long), None, None, 5).tolist() == [[4] * 5]
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy(model, torch.ones(1, 2, dtype=torch.long), None, None, 0)
+
+
+def _cached_vs_uncached(layout):
+    from flamingo_dist.build import build_model
+    from flamingo_dist.config import load_config
+    from flamingo_dist.data.layout import image_attention_mask
+    from flamingo_dist.parallel import tp_group
+    from flamingo_dist.parallelize import apply_freeze
+
+    cfg = load_config(None, [f"parallel.tensor_parallel_size={layout.tp_size}", "model.lm.num_kv_heads=2",
+                             "model.xattn.qk_layer_norms=true", "model.xattn.alpha_type=vector"])
+    model = build_model(cfg.model, tp_group(), seed=3)
+    apply_freeze(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-like: every trainable weight moved, gates open
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * (0.5 if "alpha" in name else 0.05))
+    model.eval()
+    V = cfg.model.lm.vocab_size
+    ids = torch.randint(3, V, (2, 16), generator=g)
+    ids[:, 0] = 1
+    for p in (3, 9):  # <fake><image><fake>
+        ids[:, p - 1], ids[:, p], ids[:, p + 1] = V, V + 1, V
+    pixels = torch.randn(2, 2, 3, 32, 32, generator=g)
+    mask = image_attention_mask(ids, V + 1, 2, 2)
+    calls = []
+    vision_forward = model.vision.forward
+    model.vision.forward = lambda x: calls.append(x.shape[0]) or vision_forward(x)
+    out = {}
+    for use_cache in (True, False):
+        calls.clear()
+        out[use_cache] = greedy(model, ids, pixels, mask, 12, use_cache=use_cache)
+        out[f"vision_calls_{use_cache}"] = len(calls)
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_cached_generation_gives_exactly_the_tokens_of_uncached_generation(tp, tmp_path):
+    from distributed import run_distributed
+
+    for out in run_distributed(_cached_vs_uncached, tp, tp, tmp_path / "out"):
+        assert out[True].shape == (2, 12)
+        assert torch.equal(out[True], out[False]), f"{out[True].tolist()} vs {out[False].tolist()}"
+        assert len(set(out[True].flatten().tolist())) > 2  # not a degenerate constant stream
+        assert out["vision_calls_True"] == 1  # the vision encoder runs once per prompt
+        assert out["vision_calls_False"] == 12

@@ -27,18 +27,30 @@ class FlamingoLayer(nn.Module):
         object.__setattr__(self, "decoder", decoder)
         self.activation_checkpointing = False
 
-    def _forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT):
+    def _forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, media_kv=None, kv_cache=None):
         if self.xattn is not None and media_BMV is not None:
-            x_BTD = self.xattn(x_BTD, media_BMV, mask_bias, has_image_BT)
-        return self.decoder(x_BTD, cos, sin)
+            x_BTD = self.xattn(x_BTD, media_BMV, mask_bias, has_image_BT, media_kv)
+        return self.decoder(x_BTD, cos, sin, kv_cache=kv_cache)
 
-    def forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT):
+    def forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, media_kv=None, kv_cache=None):
         if self.activation_checkpointing and torch.is_grad_enabled():
             # Non-reentrant: the reentrant form drops gradients of trainable parameters when the
             # block's inputs come from frozen layers (no input requires grad).
             return checkpoint(self._forward, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT,
                               use_reentrant=False)
-        return self._forward(x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT)
+        return self._forward(x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, media_kv, kv_cache)
+
+
+class GenerationCache:
+    """What incremental decoding reuses across calls: the resampled media (vision encoder and
+    resampler run once per prompt), each cross-attention block's keys/values of it (computed
+    once), each LM layer's keys/values of the tokens so far, and how many tokens that is."""
+
+    def __init__(self) -> None:
+        self.media_BMV: torch.Tensor | None = None
+        self.media_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layers: dict[int, dict] = {}
+        self.length = 0
 
 
 class Flamingo(nn.Module):
@@ -70,24 +82,43 @@ class Flamingo(nn.Module):
         return latents_XLV.view(B, N * self.num_latents, -1)
 
     def hidden_states(self, input_ids_BT, pixel_values_BNCP=None, image_attention_mask_BTN=None,
-                      position_ids_BT=None) -> torch.Tensor:
+                      position_ids_BT=None, cache: GenerationCache | None = None) -> torch.Tensor:
+        """With a `cache` (generation): the first call is the prompt (with its pixels), each later
+        call one new token per row (pixels not needed, its image-mask row given); positions
+        continue from the cached length."""
         x_BTD = self.lm.embed(input_ids_BT)
+        T = input_ids_BT.shape[1]
+        start = cache.length if cache is not None else 0
         if position_ids_BT is None:
-            position_ids_BT = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device).expand_as(input_ids_BT)
+            position_ids_BT = torch.arange(start, start + T, device=input_ids_BT.device).expand_as(input_ids_BT)
         cos, sin = self.lm.rope(position_ids_BT, x_BTD.dtype)
         media_BMV = mask_bias = has_image_BT = None
-        if pixel_values_BNCP is not None:
+        if cache is not None and cache.media_BMV is not None:
+            media_BMV = cache.media_BMV
+        elif pixel_values_BNCP is not None:
             media_BMV = self.encode_media(pixel_values_BNCP).to(x_BTD.dtype)
+            if cache is not None:
+                cache.media_BMV = media_BMV
+        if media_BMV is not None:
             mask_bias, has_image_BT = expand_image_mask(image_attention_mask_BTN, self.num_latents, x_BTD.dtype)
-        for layer in self.layers:
-            x_BTD = layer(x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT)
+        for i, layer in enumerate(self.layers):
+            media_kv = kv_cache = None
+            if cache is not None:
+                kv_cache = cache.layers.setdefault(i, {})
+                if layer.xattn is not None and media_BMV is not None:
+                    if i not in cache.media_kv:
+                        cache.media_kv[i] = layer.xattn.media_kv(media_BMV)
+                    media_kv = cache.media_kv[i]
+            x_BTD = layer(x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, media_kv, kv_cache)
+        if cache is not None:
+            cache.length += T
         return x_BTD
 
     def forward(self, input_ids_BT, pixel_values_BNCP=None, image_attention_mask_BTN=None,
-                position_ids_BT=None, labels_BT=None, z_loss: float = 0.0):
+                position_ids_BT=None, labels_BT=None, z_loss: float = 0.0, cache: GenerationCache | None = None):
         """Without labels: this rank's vocabulary shard of the logits [B, T, Vp/tp]. With labels:
         (mean next-token loss over the labelled tokens + z-loss, detached statistics)."""
-        h = self.hidden_states(input_ids_BT, pixel_values_BNCP, image_attention_mask_BTN, position_ids_BT)
+        h = self.hidden_states(input_ids_BT, pixel_values_BNCP, image_attention_mask_BTN, position_ids_BT, cache)
         logits = self.lm.logits_parallel(h)
         if labels_BT is None:
             return logits

@@ -148,7 +148,9 @@ class DecoderLayer(nn.Module):
         self.down_proj = linears.row(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, kv_cache: dict | None = None) -> torch.Tensor:
+        """kv_cache (generation): this layer's keys/values of the earlier tokens; a prompt fills
+        it, then each call adds one token that attends to all of them."""
         B, T, _ = x_BTD.shape
         H, K, E = self.local_heads, self.local_kv_heads, self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x_BTD))
@@ -156,8 +158,17 @@ class DecoderLayer(nn.Module):
         k_BKTE = qkv[..., H * E: (H + K) * E].view(B, T, K, E).transpose(1, 2)
         v_BKTE = qkv[..., (H + K) * E:].view(B, T, K, E).transpose(1, 2)
         q_BHTE, k_BKTE = apply_rope(q_BHTE, cos, sin), apply_rope(k_BKTE, cos, sin)
+        causal = attn_mask is None
+        if kv_cache is not None:
+            if "k" in kv_cache:
+                if T != 1:
+                    raise ValueError(f"a KV cache grows one token at a time (got {T})")
+                k_BKTE = torch.cat([kv_cache["k"], k_BKTE], dim=2)
+                v_BKTE = torch.cat([kv_cache["v"], v_BKTE], dim=2)
+                causal = False  # the one new token sees every cached token
+            kv_cache["k"], kv_cache["v"] = k_BKTE, v_BKTE
         attn_BHTE = nn.functional.scaled_dot_product_attention(
-            q_BHTE, k_BKTE, v_BKTE, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=K != H)
+            q_BHTE, k_BKTE, v_BKTE, attn_mask=attn_mask, is_causal=causal, enable_gqa=K != H)
         x_BTD = x_BTD + self.o_proj(attn_BHTE.transpose(1, 2).reshape(B, T, H * E))
         gate_up = self.gate_up_proj(self.post_attention_layernorm(x_BTD))
         gate, up = gate_up.chunk(2, dim=-1)

@@ -60,17 +60,25 @@ class GatedCrossAttentionBlock(nn.Module):
         self.alpha_cross_attn = nn.Parameter(torch.zeros(shape))
         self.alpha_dense = nn.Parameter(torch.zeros(shape))
 
-    def forward(self, x_BTD: torch.Tensor, media_BMV: torch.Tensor, mask_bias_B1TM: torch.Tensor,
-                has_image_BT: torch.Tensor) -> torch.Tensor:
-        """media_BMV: resampled media of the sequence, M = N images x L latents."""
-        B, T, _ = x_BTD.shape
-        h = self.input_layernorm(x_BTD)
-        q_BHTE = self.q_proj(h).view(B, T, self.local_heads, self.head_dim).transpose(1, 2)
-        M = media_BMV.shape[1]
+    def media_kv(self, media_BMV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the media [B, H, M, E] (computed once per prompt in generation)."""
+        B, M, _ = media_BMV.shape
         k_BHME = self.k_proj(media_BMV).view(B, M, self.local_heads, self.head_dim).transpose(1, 2)
         v_BHME = self.v_proj(media_BMV).view(B, M, self.local_heads, self.head_dim).transpose(1, 2)
         if self.qk_layer_norms:
-            q_BHTE, k_BHME = self.q_layer_norm(q_BHTE), self.k_layer_norm(k_BHME)
+            k_BHME = self.k_layer_norm(k_BHME)
+        return k_BHME, v_BHME
+
+    def forward(self, x_BTD: torch.Tensor, media_BMV: torch.Tensor, mask_bias_B1TM: torch.Tensor,
+                has_image_BT: torch.Tensor, media_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """media_BMV: resampled media of the sequence, M = N images x L latents; media_kv: its
+        keys and values when already computed (generation)."""
+        B, T, _ = x_BTD.shape
+        h = self.input_layernorm(x_BTD)
+        q_BHTE = self.q_proj(h).view(B, T, self.local_heads, self.head_dim).transpose(1, 2)
+        k_BHME, v_BHME = media_kv if media_kv is not None else self.media_kv(media_BMV)
+        if self.qk_layer_norms:
+            q_BHTE = self.q_layer_norm(q_BHTE)
         attn_BHTE = nn.functional.scaled_dot_product_attention(
             q_BHTE, k_BHME, v_BHME, attn_mask=mask_bias_B1TM.to(q_BHTE.dtype))
         attn_BTD = self.o_proj(attn_BHTE.transpose(1, 2).reshape(B, T, -1))
