@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flamingo_dist-installed
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install clean-demo system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/deepspeed flamingo_dist/train.py --deepspeed ds_configs/zero2.json
 
-test: $(STAMP)
+# Debian packages the tests need beyond Python: java for pycocoevalcap's PTB tokenizer (CIDEr).
+# (The SLURM cluster of tests/test_slurm_cluster.py installs its own packages: tests/slurm_cluster.py.)
+system-deps:
+	@command -v java >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends default-jre-headless; }
+
+test: $(STAMP) system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 clean-demo:

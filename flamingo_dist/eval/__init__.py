@@ -1,0 +1,1 @@
+"""Few-shot evaluation (issue 6): scorers so far; tasks, protocol and generation loops to come."""
