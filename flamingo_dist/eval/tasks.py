@@ -1,0 +1,146 @@
+"""Evaluation sets read from the files users have, in their standard layouts, as one record type.
+
+- Captioning, Karpathy split JSON (`dataset_coco.json`, `dataset_flickr30k.json`): images with
+  `split`, `sentences[].raw`, and `filepath`/`filename` (COCO: `<root>/<filepath>/<filename>`,
+  id = `cocoid`; Flickr30K: `<root>/<filename>`, id = the file name without extension, as
+  OpenFlamingo's evaluation keys it).
+- VQA (VQAv2, OK-VQA, VizWiz, TextVQA): a questions JSON (`questions[]` with `question_id`,
+  `image_id`, `question`) and, for scored splits, an annotations JSON (`annotations[]` with
+  `question_id` and 10 `answers[].answer`). Image files as each dataset names them: VQAv2/OK-VQA
+  `COCO_<coco_split>_<image_id:012d>.jpg`, VizWiz the `image_id` itself (a file name), TextVQA
+  `<image_id>.jpg`.
+- HatefulMemes JSONL: one `{"id", "img", "text", "label"}` per line, `img` relative to the root.
+
+A record that names an image file that does not exist is an error naming the file (an
+evaluation on a partial set would not be comparable to published numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Example:
+    id: str | int
+    image: str  # path of the image file
+    question: str | None = None  # VQA
+    answers: list[str] = field(default_factory=list)  # captions (captioning), human answers (VQA)
+    text: str | None = None  # HatefulMemes' caption
+    label: int | None = None  # HatefulMemes
+
+
+def _check_images(examples: list[Example], what: str) -> list[Example]:
+    missing = [e.image for e in examples if not os.path.isfile(e.image)]
+    if missing:
+        raise FileNotFoundError(f"{what}: {len(missing)} image files are missing, e.g. {missing[:3]}")
+    return examples
+
+
+def load_karpathy(json_path: str, image_root: str, split: str) -> list[Example]:
+    """Captioning examples of one Karpathy split (`train` includes `restval` for COCO)."""
+    with open(json_path) as f:
+        data = json.load(f)
+    splits = {"train", "restval"} if split == "train" else {split}
+    out = []
+    for img in data["images"]:
+        if img["split"] not in splits:
+            continue
+        if "cocoid" in img:
+            ident, path = img["cocoid"], os.path.join(image_root, img.get("filepath", ""), img["filename"])
+        else:
+            ident, path = os.path.splitext(img["filename"])[0], os.path.join(image_root, img["filename"])
+        out.append(Example(ident, path, answers=[s["raw"].strip() for s in img["sentences"]]))
+    if not out:
+        raise ValueError(f"{json_path}: no images in split {split!r}")
+    return _check_images(out, json_path)
+
+
+def vqa_image_name(dataset: str, image_id, coco_split: str = "val2014") -> str:
+    if dataset in ("vqav2", "okvqa"):
+        return f"COCO_{coco_split}_{int(image_id):012d}.jpg"
+    if dataset == "vizwiz":
+        return str(image_id)
+    if dataset == "textvqa":
+        return f"{image_id}.jpg"
+    raise ValueError(f"unknown VQA dataset {dataset!r} (vqav2, okvqa, vizwiz, textvqa)")
+
+
+def load_vqa(questions_json: str, annotations_json: str | None, image_dir: str, dataset: str,
+             coco_split: str = "val2014") -> list[Example]:
+    """VQA examples; `answers` holds the human answers when annotations are given."""
+    with open(questions_json) as f:
+        questions = json.load(f)["questions"]
+    answers: dict = {}
+    if annotations_json is not None:
+        with open(annotations_json) as f:
+            answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in json.load(f)["annotations"]}
+        unanswered = [q["question_id"] for q in questions if q["question_id"] not in answers]
+        if unanswered:
+            raise ValueError(f"{annotations_json}: no annotation for {len(unanswered)} questions, e.g. {unanswered[:3]}")
+    out = [Example(q["question_id"], os.path.join(image_dir, vqa_image_name(dataset, q["image_id"], coco_split)),
+                   question=q["question"], answers=answers.get(q["question_id"], [])) for q in questions]
+    return _check_images(out, questions_json)
+
+
+def load_hateful_memes(jsonl_path: str, image_root: str) -> list[Example]:
+    out = []
+    with open(jsonl_path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            label = row.get("label")
+            if label not in (0, 1, None):
+                raise ValueError(f"{jsonl_path}:{n}: label must be 0 or 1, got {label!r}")
+            out.append(Example(row["id"], os.path.join(image_root, row["img"]), text=row["text"], label=label))
+    return _check_images(out, jsonl_path)
+
+
+def write_synthetic_tasks(out_dir: str, num_images: int = 48, seed: int = 0, side: int = 32) -> dict[str, str]:
+    """A synthetic evaluation suite in the standard layouts above, from images of shapes with
+    known attributes: Karpathy-style captions (train/test), VQAv2-style questions and
+    annotations (colour and shape questions, 10 human answers each, a few dissenting), and a
+    HatefulMemes-style JSONL (label 1 when the shape is red). Returns the file paths by name."""
+    import random
+
+    from flamingo_dist.data.synthetic import COLORS, SHAPES, SIZES, draw_shape
+
+    rng = random.Random(seed)
+    img_dir = os.path.join(out_dir, "val2014")
+    os.makedirs(img_dir, exist_ok=True)
+    images, questions, annotations, memes = [], [], [], []
+    colors = sorted(COLORS)
+    for i in range(num_images):
+        color, shape, size = rng.choice(colors), rng.choice(SHAPES), rng.choice(SIZES)
+        name = vqa_image_name("vqav2", i, "val2014")
+        draw_shape(color, shape, size, side, rng).save(os.path.join(img_dir, name))
+        images.append({"filepath": "val2014", "filename": name, "cocoid": i,
+                       "split": "test" if i % 4 == 0 else "train",
+                       "sentences": [{"raw": f"a {size} {color} {shape} ."}, {"raw": f"a {color} {shape} ."},
+                                     {"raw": f"the {shape} is {color} ."}]})
+        for k, (q, a, other) in enumerate((("what color is the shape ?", color, rng.choice(colors)),
+                                           ("what shape is it ?", shape, rng.choice(SHAPES)))):
+            qid = i * 10 + k
+            questions.append({"image_id": i, "question": q, "question_id": qid})
+            humans = [a] * 8 + [other] * 2  # humans mostly agree
+            annotations.append({"question_id": qid, "image_id": i, "answers": [
+                {"answer": h, "answer_confidence": "yes", "answer_id": j + 1} for j, h in enumerate(humans)],
+                "multiple_choice_answer": a, "question_type": "what", "answer_type": "other"})
+        memes.append({"id": i, "img": os.path.join("val2014", name), "text": f"a {color} {shape}",
+                      "label": int(color == "red")})
+    paths = {"karpathy": os.path.join(out_dir, "dataset_synthetic.json"),
+             "vqa_questions": os.path.join(out_dir, "questions.json"),
+             "vqa_annotations": os.path.join(out_dir, "annotations.json"),
+             "memes": os.path.join(out_dir, "memes.jsonl"), "image_root": out_dir, "image_dir": img_dir}
+    with open(paths["karpathy"], "w") as f:
+        json.dump({"images": images, "dataset": "coco"}, f)
+    with open(paths["vqa_questions"], "w") as f:
+        json.dump({"questions": questions}, f)
+    with open(paths["vqa_annotations"], "w") as f:
+        json.dump({"annotations": annotations}, f)
+    with open(paths["memes"], "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in memes)
+    return paths
