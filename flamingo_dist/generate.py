@@ -46,3 +46,41 @@ def greedy(model, input_ids_BT: torch.Tensor, pixel_values_BNCP: torch.Tensor | 
                 mask = torch.cat([mask, row_B1N], dim=1)
             logits_B = model.logits(ids, pixel_values_BNCP, mask)[:, -1]
     return torch.stack(new, dim=1)
+
+
+@torch.no_grad()
+def continuation_logprobs(model, prompt_ids_1T: torch.Tensor, pixel_values_1NCP: torch.Tensor | None,
+                          image_attention_mask_1TN: torch.Tensor | None, continuations: list[list[int]],
+                          use_cache: bool = True) -> list[float]:
+    """log P(continuation | prompt) for each continuation (summed over its tokens), for ranking
+    classes or answers by likelihood. The prompt (vision included) runs once and its KV cache is
+    forked for every continuation; continuation tokens reuse the prompt's last image-mask row.
+    `use_cache=False` runs prompt + continuation whole each time (the reference)."""
+    from flamingo_dist.models.flamingo import GenerationCache
+
+    if prompt_ids_1T.shape[0] != 1:
+        raise ValueError("continuation_logprobs scores one prompt at a time")
+    if any(len(c) == 0 for c in continuations):
+        raise ValueError("continuation_logprobs: empty continuation")
+    mask = image_attention_mask_1TN
+    T = prompt_ids_1T.shape[1]
+    prefix = GenerationCache() if use_cache else None
+    first = None
+    if prefix is not None:
+        first = model.logits(prompt_ids_1T, pixel_values_1NCP, mask, cache=prefix)[0, -1].float().log_softmax(-1)
+    out = []
+    for cont in continuations:
+        c = torch.tensor([cont], dtype=prompt_ids_1T.dtype, device=prompt_ids_1T.device)
+        rows = None if mask is None else mask[:, -1:].expand(1, len(cont), mask.shape[-1])
+        if prefix is not None:
+            logp = first[cont[0]]
+            if len(cont) > 1:
+                more = model.logits(c[:, :-1], None, None if rows is None else rows[:, :-1], cache=prefix.fork())
+                logp = logp + more[0].float().log_softmax(-1).gather(-1, c[0, 1:, None]).sum()
+        else:
+            ids = torch.cat([prompt_ids_1T, c], dim=1)
+            full_mask = None if mask is None else torch.cat([mask, rows], dim=1)
+            lp = model.logits(ids, pixel_values_1NCP, full_mask)[0, T - 1:-1].float().log_softmax(-1)
+            logp = lp.gather(-1, c[0, :, None]).sum()
+        out.append(float(logp))
+    return out

@@ -41,7 +41,9 @@ def test_max_new_tokens_bounds_the_output_and_must_be_positive():
         greedy(model, torch.ones(1, 2, dtype=torch.long), None, None, 0)
 
 
-def _cached_vs_uncached(layout):
+def _model_and_prompt(layout):
+    """A debug model with every trainable weight moved (gates open), GQA and q/k norms, and a
+    two-image prompt."""
     from flamingo_dist.build import build_model
     from flamingo_dist.config import load_config
     from flamingo_dist.data.layout import image_attention_mask
@@ -53,7 +55,7 @@ def _cached_vs_uncached(layout):
     model = build_model(cfg.model, tp_group(), seed=3)
     apply_freeze(model)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # trained-like: every trainable weight moved, gates open
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * (0.5 if "alpha" in name else 0.05))
@@ -64,7 +66,11 @@ def _cached_vs_uncached(layout):
     for p in (3, 9):  # <fake><image><fake>
         ids[:, p - 1], ids[:, p], ids[:, p + 1] = V, V + 1, V
     pixels = torch.randn(2, 2, 3, 32, 32, generator=g)
-    mask = image_attention_mask(ids, V + 1, 2, 2)
+    return model, ids, pixels, image_attention_mask(ids, V + 1, 2, 2)
+
+
+def _cached_vs_uncached(layout):
+    model, ids, pixels, mask = _model_and_prompt(layout)
     calls = []
     vision_forward = model.vision.forward
     model.vision.forward = lambda x: calls.append(x.shape[0]) or vision_forward(x)
@@ -86,3 +92,23 @@ def test_cached_generation_gives_exactly_the_tokens_of_uncached_generation(tp, t
         assert len(set(out[True].flatten().tolist())) > 2  # not a degenerate constant stream
         assert out["vision_calls_True"] == 1  # the vision encoder runs once per prompt
         assert out["vision_calls_False"] == 12
+
+
+def _scoring(layout):
+    from flamingo_dist.generate import continuation_logprobs
+
+    model, ids, pixels, mask = _model_and_prompt(layout)
+    conts = [[5], [7, 9, 11], [300, 2], [7, 9, 12]]
+    cached = continuation_logprobs(model, ids[:1], pixels[:1], mask[:1], conts)
+    plain = continuation_logprobs(model, ids[:1], pixels[:1], mask[:1], conts, use_cache=False)
+    return cached, plain
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_continuation_scores_with_a_cached_prefix_equal_whole_sequence_scores(tp, tmp_path):
+    from distributed import run_distributed
+
+    for cached, plain in run_distributed(_scoring, tp, tp, tmp_path / "out"):
+        assert cached == pytest.approx(plain, rel=1e-5, abs=1e-5)
+        assert sorted(range(4), key=cached.__getitem__) == sorted(range(4), key=plain.__getitem__)
+        assert all(x < 0 for x in cached) and len(set(cached)) == 4

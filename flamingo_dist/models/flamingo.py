@@ -52,6 +52,14 @@ class GenerationCache:
         self.layers: dict[int, dict] = {}
         self.length = 0
 
+    def fork(self) -> "GenerationCache":
+        """An independent continuation of this cache (tensors are shared, never modified in
+        place): score several continuations of one cached prefix."""
+        other = GenerationCache()
+        other.media_BMV, other.media_kv, other.length = self.media_BMV, dict(self.media_kv), self.length
+        other.layers = {i: dict(kv) for i, kv in self.layers.items()}
+        return other
+
 
 class Flamingo(nn.Module):
     def __init__(self, vision: VisionEncoder, resampler: PerceiverResampler, lm: TPLlama,

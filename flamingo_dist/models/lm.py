@@ -149,8 +149,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, kv_cache: dict | None = None) -> torch.Tensor:
-        """kv_cache (generation): this layer's keys/values of the earlier tokens; a prompt fills
-        it, then each call adds one token that attends to all of them."""
+        """kv_cache (generation, scoring): this layer's keys/values of the earlier tokens; a
+        prompt fills it, then each call adds tokens that attend to all of them (and causally to
+        each other)."""
         B, T, _ = x_BTD.shape
         H, K, E = self.local_heads, self.local_kv_heads, self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x_BTD))
@@ -161,11 +162,14 @@ class DecoderLayer(nn.Module):
         causal = attn_mask is None
         if kv_cache is not None:
             if "k" in kv_cache:
-                if T != 1:
-                    raise ValueError(f"a KV cache grows one token at a time (got {T})")
+                if attn_mask is not None:
+                    raise ValueError("an attention mask with a KV cache is not supported")
+                past = kv_cache["k"].shape[2]
                 k_BKTE = torch.cat([kv_cache["k"], k_BKTE], dim=2)
                 v_BKTE = torch.cat([kv_cache["v"], v_BKTE], dim=2)
-                causal = False  # the one new token sees every cached token
+                causal = False  # new token i sees every cached token and new tokens 0..i
+                if T > 1:
+                    attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x_BTD.device).tril(diagonal=past)
             kv_cache["k"], kv_cache["v"] = k_BKTE, v_BKTE
         attn_BHTE = nn.functional.scaled_dot_product_attention(
             q_BHTE, k_BKTE, v_BKTE, attn_mask=attn_mask, is_causal=causal, enable_gqa=K != H)
