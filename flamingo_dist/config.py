@@ -237,6 +237,30 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Few-shot evaluation during training (flamingo_dist/eval/fewshot.py), logged to MLflow as
+    eval/<task>/<shots>shot_<method> and written to <run_dir>/eval/step_<N>.json."""
+
+    every_steps: int = 0
+    """Evaluate every this many optimizer steps; 0 disables."""
+    synthetic: bool = False
+    """Evaluate on the project's synthetic suite (captioning, VQA, HatefulMemes of shapes),
+    written to <run_dir>/eval_tasks when missing; for debug models."""
+    tasks_file: Optional[str] = None
+    """YAML/JSON list of task specs (see flamingo_dist/eval/tasks.py `load_task`)."""
+    shots: list[int] = field(default_factory=lambda: [0, 4])
+    """Shot counts (0 = two text-only demonstrations)."""
+    methods: list[str] = field(default_factory=lambda: ["random"])
+    """Demonstration selection: `random` and/or `rices`."""
+    trials: int = 1
+    """Seeds per configuration (mean and standard deviation are reported)."""
+    max_queries: int = 16
+    """Evaluate the first this many queries of each task (a small fixed subset)."""
+    max_new_tokens: int = 10
+    """Generation length for captions and answers."""
+
+
+@dataclass
 class SlurmConfig:
     """Stop and requeue under SLURM (see flamingo_dist/slurm.py and launchers/)."""
 
@@ -267,6 +291,8 @@ class JobConfig:
     """Checkpoints and resume."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """Preemption-safe stop and requeue under SLURM."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Few-shot evaluation during training."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,6 +488,16 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
     need(d.synthetic_num_docs >= 1, "data.synthetic_num_docs: must be >= 1")
     if d.tokenizer is not None and not os.path.isdir(d.tokenizer):
         errors.append(f"data.tokenizer: {d.tokenizer} is not a directory")
+    ev = cfg.eval
+    need(ev.every_steps >= 0, "eval.every_steps: must be >= 0")
+    need(all(k >= 0 for k in ev.shots) and len(ev.shots) > 0, "eval.shots: a non-empty list of counts >= 0")
+    need(len(ev.methods) > 0 and set(ev.methods) <= {"random", "rices"}, "eval.methods: random and/or rices")
+    need(ev.trials >= 1 and ev.max_queries >= 1 and ev.max_new_tokens >= 1,
+         "eval.trials, eval.max_queries, eval.max_new_tokens: must be >= 1")
+    if ev.tasks_file is not None and not os.path.isfile(ev.tasks_file):
+        errors.append(f"eval.tasks_file: {ev.tasks_file} is not a file")
+    need(ev.every_steps == 0 or ev.synthetic or ev.tasks_file is not None,
+         "eval.every_steps: set eval.synthetic or eval.tasks_file (nothing to evaluate)")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

@@ -149,6 +149,47 @@ class Trainer:
             return bool(due.item())
         return False
 
+    def evaluate(self) -> dict:
+        """Collective: the configured few-shot evaluation of the current weights, logged to the
+        MLflow run (eval/<task>/<shots>shot_<method>) and written to <run_dir>/eval/step_<N>.json."""
+        from flamingo_dist.eval import fewshot
+        from flamingo_dist.eval import tasks as eval_tasks
+
+        ev, lay, run_dir = self.cfg.eval, self.layout, self.cfg.tracking.run_dir
+        if getattr(self, "_eval_tasks", None) is None:
+            suite = {}
+            if ev.synthetic:
+                where = os.path.join(run_dir, "eval_tasks")
+                if lay.rank == 0:
+                    eval_tasks.synthetic_suite(where)
+                dist.barrier()
+                suite.update(eval_tasks.synthetic_suite(where))
+            if ev.tasks_file:
+                import yaml
+
+                with open(ev.tasks_file) as f:
+                    for spec in yaml.safe_load(f):
+                        name, kind, queries, support = eval_tasks.load_task(spec, os.path.dirname(ev.tasks_file))
+                        suite[name] = (kind, queries, support)
+            self._eval_tasks = {n: (k, q[:ev.max_queries], s) for n, (k, q, s) in suite.items()}
+        step = self.state.step
+        was_training = self.model.training
+        self.model.eval()
+        t0 = time.time()
+        try:
+            results = fewshot.run(
+                self.model, self.tokenizer, self._eval_tasks, ev.shots, ev.methods, ev.trials, self.cfg.data.image_size,
+                out_json=os.path.join(run_dir, "eval", f"step_{step:08d}.json"), dp_rank=lay.dp_rank,
+                dp_size=lay.dp_size, dp_group=self.dp_group, feature_cache=os.path.join(run_dir, "eval", "features"),
+                tracker=self.tracker, step=step, seed=self.cfg.train.seed, max_new_tokens=ev.max_new_tokens,
+                writer=lay.rank == 0)
+        finally:
+            self.model.train(was_training)
+            self.model.vision.eval()  # the frozen tower always stays in eval mode
+        summary = ", ".join(f"{n}/{c} {v['mean']:.2f}" for n, r in results["tasks"].items() for c, v in r.items())
+        self.log(f"eval at step {step} ({time.time() - t0:.1f}s): {summary}")
+        return results
+
     def _stop_requested(self) -> bool:
         """Collective: did a stop signal reach any rank? (One all-reduce per step.)"""
         if self.stop_flag is None:
@@ -205,6 +246,9 @@ class Trainer:
                         f"{self.state.consecutive_skipped} optimizer steps in a row had a non-finite loss or "
                         f"gradient norm (train.max_consecutive_skipped_steps = {t.max_consecutive_skipped_steps}); "
                         "stopping. Lower train.lr, check the data, or try train.precision: fp32 to debug.")
+                ev = self.cfg.eval
+                if ev.every_steps and self.state.step % ev.every_steps == 0:
+                    self.evaluate()
                 if self._save_due():
                     self.save_checkpoint()
                 if self.state.step < t.steps and self._stop_requested():  # the last step just finishes

@@ -93,3 +93,31 @@ def test_prompt_layout_demos_then_query(synthetic_corpus, tmp_path):
     q = 0.7 * feats[0] + 0.6 * feats[3] + 0.4 * feats[1]
     picked = choose_demos(2, "rices", random.Random(0), exs[:5], q, feats, exclude=exs[0].id)
     assert picked == [exs[1], exs[3]]  # the query itself excluded; the most similar placed last
+
+
+def _train_with_eval(layout, corpus, run_dir):
+    from test_trainer import make_trainer
+
+    from flamingo_dist.tracking import Tracker
+
+    trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=4", "eval.every_steps=2", "eval.synthetic=true",
+                           "eval.max_queries=4", "eval.max_new_tokens=3", "eval.shots=[0,4]")
+    trainer.cfg.tracking.mlflow = True  # make_trainer builds without tracking: add it as train.py does
+    trainer.tracker = Tracker(trainer.cfg.tracking, trainer.cfg, layout, run_name="eval-during-training")
+    trainer.train()
+    trainer.close()
+    return trainer.tracker.run_id
+
+
+def test_evaluation_during_training_lands_in_the_mlflow_run(synthetic_corpus, tmp_path):
+    import mlflow
+
+    run_dir = str(tmp_path / "run")
+    run_id = run_distributed(_train_with_eval, 2, 1, tmp_path / "out", synthetic_corpus, run_dir)[0]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{os.path.join(run_dir, 'mlflow.db')}")
+    for name in ("eval/synthetic_captions/4shot_random", "eval/synthetic_vqa/0shot_random",
+                 "eval/synthetic_memes/4shot_random"):
+        assert [m.step for m in client.get_metric_history(run_id, name)] == [2, 4], name
+    assert len(client.get_metric_history(run_id, "loss")) == 4  # beside the training loss, in one run
+    with open(os.path.join(run_dir, "eval", "step_00000004.json")) as f:
+        assert json.load(f)["step"] == 4

@@ -154,7 +154,8 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
             new = greedy(model, ids, pixels, mask, max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,),
                          pad_token_id=tokenizer.pad_token_id or 0)
             preds[q.id] = postprocess(kind, tokenizer.decode(new[0], skip_special_tokens=True))
-    preds = gather_predictions(preds, dp_group)
+    if dp_size > 1:
+        preds = gather_predictions(preds, dp_group)
     if kind == "captioning":
         return cider(preds, {q.id: q.answers for q in queries})
     if kind == "vqa":
@@ -165,9 +166,11 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
 def run(model, tokenizer, tasks: dict[str, tuple[str, list[Example], list[Example]]], shots: list[int],
         methods: list[str], trials: int, image_size: int, out_json: str | None = None, dp_rank: int = 0,
         dp_size: int = 1, dp_group=None, feature_cache: str | None = None, tracker=None, step: int = 0,
-        seed: int = 0, max_new_tokens: int = 20) -> dict:
+        seed: int = 0, max_new_tokens: int = 20, writer: bool | None = None) -> dict:
     """Every task x shots x method, `trials` seeds each: mean and standard deviation; written as
-    JSON (rank 0) and logged to MLflow (`eval/<task>/<shots>shot_<method>`) when a tracker is given."""
+    JSON and logged to MLflow (`eval/<task>/<shots>shot_<method>`, when a tracker is given) by the
+    writer (default: data-parallel rank 0; pass the global rank 0 under TP)."""
+    writer = dp_rank == 0 if writer is None else writer
     results: dict = {"protocol_version": PROTOCOL_VERSION, "step": step, "tasks": {}}
     for name, (kind, queries, support) in tasks.items():
         for k in shots:
@@ -177,7 +180,7 @@ def run(model, tokenizer, tasks: dict[str, tuple[str, list[Example], list[Exampl
                 results["tasks"].setdefault(name, {})[f"{k}shot_{method}"] = {
                     "mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "trials": scores,
                     "queries": len(queries)}
-    if dp_rank == 0:
+    if writer:
         if out_json:
             os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
             with open(out_json + ".tmp", "w") as f:

@@ -144,3 +144,50 @@ def write_synthetic_tasks(out_dir: str, num_images: int = 48, seed: int = 0, sid
     with open(paths["memes"], "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in memes)
     return paths
+
+
+def load_task(spec: dict, base_dir: str = ".") -> tuple[str, str, list[Example], list[Example]]:
+    """(name, kind, queries, support) from one task spec (a dict from eval.tasks_file):
+      {name, kind: captioning, karpathy_json, image_root, query_split: test, support_split: train}
+      {name, kind: vqa, dataset: vqav2|okvqa|vizwiz|textvqa, questions, annotations, image_dir,
+       coco_split, support_questions, support_annotations, support_image_dir, support_coco_split}
+      {name, kind: hateful_memes, jsonl, image_root, support_jsonl}
+    Relative paths are taken from base_dir (the tasks file's folder)."""
+    def path(key: str, default: str | None = None) -> str:
+        if key not in spec and default is None:
+            raise ValueError(f"eval task {spec.get('name', spec)!r}: missing {key!r}")
+        return os.path.join(base_dir, spec.get(key, default))
+
+    kind, name = spec.get("kind"), spec.get("name", spec.get("kind"))
+    if kind == "captioning":
+        j, root = path("karpathy_json"), path("image_root")
+        return name, kind, load_karpathy(j, root, spec.get("query_split", "test")), \
+            load_karpathy(j, root, spec.get("support_split", "train"))
+    if kind == "vqa":
+        ds = spec.get("dataset", "vqav2")
+        queries = load_vqa(path("questions"), path("annotations"), path("image_dir"), ds,
+                           spec.get("coco_split", "val2014"))
+        support = load_vqa(path("support_questions"), path("support_annotations"), path("support_image_dir"), ds,
+                           spec.get("support_coco_split", "train2014"))
+        return name, kind, queries, support
+    if kind == "hateful_memes":
+        root = path("image_root")
+        return name, kind, load_hateful_memes(path("jsonl"), root), load_hateful_memes(path("support_jsonl"), root)
+    raise ValueError(f"eval task {name!r}: kind must be captioning, vqa or hateful_memes, got {kind!r}")
+
+
+def synthetic_suite(out_dir: str) -> dict[str, tuple[str, list[Example], list[Example]]]:
+    """The synthetic suite as name -> (kind, queries, support); written when missing."""
+    marker = os.path.join(out_dir, "DONE")
+    if not os.path.isfile(marker):
+        write_synthetic_tasks(out_dir)
+        with open(marker, "w") as f:
+            f.write("ok\n")
+    karpathy, img = os.path.join(out_dir, "dataset_synthetic.json"), os.path.join(out_dir, "val2014")
+    vqa = load_vqa(os.path.join(out_dir, "questions.json"), os.path.join(out_dir, "annotations.json"), img, "vqav2")
+    memes = load_hateful_memes(os.path.join(out_dir, "memes.jsonl"), out_dir)
+    half_q, half_m = len(vqa) // 2, len(memes) // 2
+    return {"synthetic_captions": ("captioning", load_karpathy(karpathy, out_dir, "test"),
+                                   load_karpathy(karpathy, out_dir, "train")),
+            "synthetic_vqa": ("vqa", vqa[:half_q], vqa[half_q:]),
+            "synthetic_memes": ("hateful_memes", memes[:half_m], memes[half_m:])}
