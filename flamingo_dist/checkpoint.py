@@ -422,6 +422,13 @@ def model_from_checkpoint(path: str, dtype: torch.dtype = torch.float32):
     return model.eval(), cfg
 
 
+def tokenizer_dir(cfg) -> str:
+    """Where a job's tokenizer lives: data.tokenizer, else the base LM or IDEFICS checkpoint, else
+    the synthetic corpus's."""
+    d = cfg.data
+    return d.tokenizer or cfg.model.lm.path or cfg.model.init_from or os.path.join(d.synthetic_dir, "tokenizer")
+
+
 def _is_trainable(model, name: str) -> bool:
     ids = {id(p) for m in model.trainable_modules() for p in m.parameters()}
     return id(model.get_parameter(name)) in ids

@@ -19,8 +19,11 @@ import torch
 @torch.no_grad()
 def greedy(model, input_ids_BT: torch.Tensor, pixel_values_BNCP: torch.Tensor | None,
            image_attention_mask_BTN: torch.Tensor | None, max_new_tokens: int,
-           stop_token_ids: tuple[int, ...] = (), pad_token_id: int = 0, use_cache: bool = True) -> torch.Tensor:
-    """The new tokens [B, <= max_new_tokens] (prompts must not be padded)."""
+           stop_token_ids: tuple[int, ...] = (), pad_token_id: int = 0, use_cache: bool = True,
+           banned_token_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """The new tokens [B, <= max_new_tokens] (prompts must not be padded). `banned_token_ids`
+    are never generated (e.g. `<image>` and `<fake_token_around_image>`, as IDEFICS' examples
+    pass them as bad_words_ids)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     from flamingo_dist.models.flamingo import GenerationCache
@@ -32,7 +35,10 @@ def greedy(model, input_ids_BT: torch.Tensor, pixel_values_BNCP: torch.Tensor | 
     cache = GenerationCache() if use_cache else None
     ids, new = input_ids_BT, []
     logits_B = model.logits(ids, pixel_values_BNCP, mask, cache=cache)[:, -1]
+    banned = list(banned_token_ids)
     for step in range(max_new_tokens):
+        if banned:
+            logits_B = logits_B.index_fill(-1, torch.tensor(banned, device=logits_B.device), float("-inf"))
         next_B = logits_B.argmax(dim=-1).masked_fill(done, pad_token_id)
         done = done | torch.isin(next_B, stops)
         new.append(next_B)

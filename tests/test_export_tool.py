@@ -71,3 +71,37 @@ def test_exported_checkpoint_gives_the_trained_logits(tp, synthetic_corpus, tmp_
     export("--checkpoint", ckpt, "--out", plain, "--plain")
     with safe_open(plain, "pt") as f:
         assert sorted(f.keys()) == names
+
+
+def test_evaluating_the_export_and_its_checkpoint_gives_identical_scores(synthetic_corpus, tmp_path):
+    import json
+
+    (_, ckpt, _), _ = run_distributed(_train, 2, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"))
+    hf_dir = str(tmp_path / "hf")
+    export("--checkpoint", ckpt, "--out", hf_dir)
+    common = ["--synthetic", str(tmp_path / "tasks"), "--shots", "0", "4", "--methods", "random", "rices",
+              "--max-queries", "4", "--max-new-tokens", "5"]
+    results = {}
+    for name, source in (("ours", ["--checkpoint", ckpt]), ("hf", ["--hf", hf_dir])):
+        out = str(tmp_path / f"{name}.json")
+        proc = subprocess.run([sys.executable, "tools/evaluate.py", *source, *common, "--out", out], cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(out) as f:
+            results[name] = json.load(f)
+    ours, theirs = results["ours"]["tasks"], results["hf"]["tasks"]
+    for task in ours:
+        for cfg, r in ours[task].items():
+            assert r["trials"] == theirs[task][cfg]["trials"], (task, cfg)  # identical scores
+            for mine, hf in zip(r["predictions"], theirs[task][cfg]["predictions"]):
+                if task == "synthetic_memes":  # P(yes): the same up to float rounding of the logits
+                    assert mine == pytest.approx(hf, rel=1e-4, abs=1e-6), (task, cfg)
+                else:  # generated text: identical
+                    assert mine == hf, (task, cfg)
+    assert set(ours) == {"synthetic_captions", "synthetic_vqa", "synthetic_memes"}
+    # the comparison is not vacuous: the model generates text and tells memes apart
+    captions = [t for r in ours["synthetic_captions"].values() for p in r["predictions"] for t in p.values()]
+    assert any(captions) and len(set(captions)) > 1
+    p_yes = list(ours["synthetic_memes"]["4shot_random"]["predictions"][0].values())
+    assert len(set(p_yes)) == len(p_yes) == 4
+    assert results["ours"]["protocol_version"] == results["hf"]["protocol_version"]

@@ -34,6 +34,12 @@ def test_rows_stop_at_a_stop_token_and_are_padded_until_all_stop():
         assert torch.equal(seen[:, 3:], mask[:, -1:].expand(2, k, 2))
 
 
+def test_banned_tokens_are_never_generated():
+    model = Scripted([[4, 4, 6]])
+    out = greedy(model, torch.ones(1, 2, dtype=torch.long), None, None, 3, banned_token_ids=(4,))
+    assert 4 not in out.tolist()[0] and out.tolist()[0][2] == 6
+
+
 def test_max_new_tokens_bounds_the_output_and_must_be_positive():
     model = Scripted([[4] * 5])
     assert greedy(model, torch.ones(1, 2, dtype=torch.long), None, None, 5).tolist() == [[4] * 5]

@@ -39,10 +39,10 @@ def main(argv=None) -> int:
                      if isinstance(v, torch.Tensor)}
             save_file(state, args.out)
         else:
+            from flamingo_dist.checkpoint import tokenizer_dir
             from flamingo_dist.hf_llama import load_tokenizer
 
-            d = cfg.data
-            tok_dir = d.tokenizer or cfg.model.lm.path or cfg.model.init_from or os.path.join(d.synthetic_dir, "tokenizer")
+            tok_dir = tokenizer_dir(cfg)
             tokenizer = load_tokenizer(tok_dir, cfg.model.lm.vocab_size) if os.path.isdir(tok_dir) else None
             if tokenizer is None:
                 print(f"warning: no tokenizer at {tok_dir}; exporting the model without a processor", file=sys.stderr)

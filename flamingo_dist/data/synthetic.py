@@ -20,7 +20,10 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 WORDS = ["a", "an", "the", "this", "is", "image", "of", "shows", "picture", "here", "on", "background",
          "next", "and", "there", "document", "about", "shapes", "colors", "look", "at", "we", "see",
-         "photo", "it", *COLORS, *SHAPES, *SIZES, ".", ",", ":"]
+         "photo", "it", *COLORS, *SHAPES, *SIZES, ".", ",", ":",
+         # the few-shot prompts of flamingo_dist/eval (appended: earlier ids stay as they were)
+         "Output", "Question", "Short", "answer", "Answer", "Is", "hateful", "?", "'", "with", "written",
+         "what", "color", "shape", "yes", "no"]
 SPECIALS = ["<unk>", "<s>", "</s>"]
 VOCAB_SIZE = 512
 INTROS = ["this document is about shapes .", "we look at colors and shapes .", "here is a picture .",

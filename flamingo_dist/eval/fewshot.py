@@ -61,12 +61,14 @@ class Prompter:
     """Turns demonstrations + a query into model inputs (ids, pixels, image mask)."""
 
     def __init__(self, tokenizer, image_size: int):
-        from flamingo_dist.data.layout import IMAGE_TOKEN
+        from flamingo_dist.data.layout import FAKE_TOKEN, IMAGE_TOKEN
         from flamingo_dist.data.pipeline import image_transform
 
         self.tok = tokenizer
         self.transform = image_transform(image_size)
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        # never generated: an answer is text
+        self.layout_token_ids = (self.image_id, tokenizer.convert_tokens_to_ids(FAKE_TOKEN))
 
     def image(self, path: str) -> torch.Tensor:
         from PIL import Image
@@ -102,8 +104,7 @@ def rices_features(model, prompter: Prompter, examples: list[Example], cache_dir
     with torch.no_grad():
         for i in range(0, len(examples), 32):
             px = torch.stack([prompter.image(e.image) for e in examples[i:i + 32]])
-            dtype = model.vision.visual.conv1.weight.dtype
-            feats.append(model.vision(px.to(dtype))[:, 0].float())
+            feats.append(model.vision(px)[:, 0].float())
     out = torch.nn.functional.normalize(torch.cat(feats), dim=-1)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
@@ -129,11 +130,13 @@ def choose_demos(n: int, method: str, rng: random.Random, support: list[Example]
 
 def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[Example], shots: int,
              method: str, seed: int, image_size: int, dp_rank: int = 0, dp_size: int = 1, dp_group=None,
-             max_new_tokens: int = 20, feature_cache: str | None = None) -> float:
-    """One trial: the score over the whole query set (collective over the data-parallel group)."""
+             max_new_tokens: int = 20, feature_cache: str | None = None) -> tuple[float, dict]:
+    """One trial: (the score over the whole query set, the gathered predictions by query id:
+    generated text, or P(yes) for HatefulMemes). Collective over the data-parallel group."""
     from flamingo_dist.generate import continuation_logprobs, greedy
 
     prompter = Prompter(tokenizer, image_size)
+    use_cache = getattr(model, "supports_cache", True)  # an exported HF model runs uncached
     n_demos, with_images = (2, False) if shots == 0 else (shots, True)
     feats = {}
     if method == "rices":
@@ -148,19 +151,21 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
         ids, pixels, mask = prompter.inputs(kind, [(d, demo_answer(kind, d, rng)) for d in demos], q, with_images)
         if kind == "hateful_memes":
             yes, no = (tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in ("yes", "no"))
-            ly, ln = continuation_logprobs(model, ids, pixels, mask, [yes, no])
+            ly, ln = continuation_logprobs(model, ids, pixels, mask, [yes, no], use_cache=use_cache)
             preds[q.id] = (torch.tensor([ly, ln]).softmax(0)[0].item(), q.label)
         else:
             new = greedy(model, ids, pixels, mask, max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,),
-                         pad_token_id=tokenizer.pad_token_id or 0)
+                         pad_token_id=tokenizer.pad_token_id or 0, use_cache=use_cache,
+                         banned_token_ids=prompter.layout_token_ids)
             preds[q.id] = postprocess(kind, tokenizer.decode(new[0], skip_special_tokens=True))
     if dp_size > 1:
         preds = gather_predictions(preds, dp_group)
     if kind == "captioning":
-        return cider(preds, {q.id: q.answers for q in queries})
+        return cider(preds, {q.id: q.answers for q in queries}), preds
     if kind == "vqa":
-        return vqa_score(preds, {q.id: q.answers for q in queries})
-    return 100.0 * roc_auc([preds[q.id][0] for q in queries], [preds[q.id][1] for q in queries])
+        return vqa_score(preds, {q.id: q.answers for q in queries}), preds
+    score = 100.0 * roc_auc([preds[q.id][0] for q in queries], [preds[q.id][1] for q in queries])
+    return score, {k: p for k, (p, _) in preds.items()}
 
 
 def run(model, tokenizer, tasks: dict[str, tuple[str, list[Example], list[Example]]], shots: list[int],
@@ -175,11 +180,14 @@ def run(model, tokenizer, tasks: dict[str, tuple[str, list[Example], list[Exampl
     for name, (kind, queries, support) in tasks.items():
         for k in shots:
             for method in methods:
-                scores = [evaluate(model, tokenizer, kind, queries, support, k, method, seed + t, image_size,
-                                   dp_rank, dp_size, dp_group, max_new_tokens, feature_cache) for t in range(trials)]
+                trial = [evaluate(model, tokenizer, kind, queries, support, k, method, seed + t, image_size,
+                                  dp_rank, dp_size, dp_group, max_new_tokens, feature_cache) for t in range(trials)]
+                scores = [score for score, _ in trial]
                 results["tasks"].setdefault(name, {})[f"{k}shot_{method}"] = {
                     "mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "trials": scores,
-                    "queries": len(queries)}
+                    "queries": len(queries),
+                    # per trial, query id -> generated text (P(yes) for HatefulMemes), ids as strings
+                    "predictions": [{str(q): p for q, p in preds.items()} for _, preds in trial]}
     if writer:
         if out_json:
             os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
@@ -190,3 +198,26 @@ def run(model, tokenizer, tasks: dict[str, tuple[str, list[Example], list[Exampl
             tracker.log_metrics({f"eval/{name}/{cfg}": v["mean"] for name, r in results["tasks"].items()
                                  for cfg, v in r.items()}, step)
     return results
+
+
+class HFIdefics:
+    """An exported (or any) transformers IDEFICS model behind the interface the harness uses:
+    `logits(ids, pixels, mask)` (full logits, uncached) and `vision(pixels)` (the vision tower's
+    last hidden state, CLS first: the features RICES ranks by)."""
+
+    supports_cache = False
+
+    def __init__(self, hf_model):
+        self.hf = hf_model.eval()
+
+    def logits(self, input_ids, pixel_values=None, image_attention_mask=None, cache=None):
+        if cache is not None:
+            raise ValueError("HFIdefics runs uncached (use_cache=False)")
+        with torch.no_grad():
+            return self.hf(input_ids=input_ids, pixel_values=pixel_values,
+                           image_attention_mask=image_attention_mask).logits
+
+    def vision(self, pixels):
+        dtype = next(self.hf.model.vision_model.parameters()).dtype
+        with torch.no_grad():
+            return self.hf.model.vision_model(pixels.to(dtype)).last_hidden_state
