@@ -24,7 +24,8 @@ def _debug_model_and_tokenizer(layout, corpus):
 def _harness(layout, corpus, tasks_dir, run_dir):
     from flamingo_dist.config import load_config
     from flamingo_dist.eval.fewshot import run
-    from flamingo_dist.eval.tasks import load_hateful_memes, load_karpathy, load_vqa, write_synthetic_tasks
+    from flamingo_dist.eval.tasks import (load_classification, load_hateful_memes, load_karpathy, load_vqa,
+                                          write_synthetic_tasks)
     from flamingo_dist.parallel import dp_group
     from flamingo_dist.tracking import Tracker
 
@@ -38,8 +39,9 @@ def _harness(layout, corpus, tasks_dir, run_dir):
     vqa = load_vqa(os.path.join(tasks_dir, "questions.json"), os.path.join(tasks_dir, "annotations.json"),
                    p["img"], "vqav2")
     memes = load_hateful_memes(os.path.join(tasks_dir, "memes.jsonl"), tasks_dir)
+    shapes = load_classification(os.path.join(tasks_dir, "shapes.jsonl"), tasks_dir)
     tasks = {"captions": ("captioning", caps_test, caps_train), "vqa": ("vqa", vqa[:8], vqa[8:]),
-             "memes": ("hateful_memes", memes[:10], memes[10:])}
+             "memes": ("hateful_memes", memes[:10], memes[10:]), "shapes": ("classification", shapes[:6], shapes[6:])}
     job = load_config(None, [f"tracking.run_dir={run_dir}", "tracking.run_name=eval"])
     tracker = Tracker(job.tracking, job, layout, run_name="eval")
     out = os.path.join(run_dir, "eval.json")
@@ -61,12 +63,14 @@ def test_synthetic_fewshot_runs_end_to_end_on_two_ranks(synthetic_corpus, tmp_pa
         written = json.load(f)
     assert written == json.loads(json.dumps(res))
     assert written["protocol_version"].startswith("flamingo_dist-fewshot-1")
-    for task in ("captions", "vqa", "memes"):
+    for task in ("captions", "vqa", "memes", "shapes"):
         for cfg in ("0shot_random", "0shot_rices", "4shot_random", "4shot_rices"):
             entry = written["tasks"][task][cfg]
             assert len(entry["trials"]) == 2 and entry["std"] >= 0
             assert entry["mean"] == pytest.approx(sum(entry["trials"]) / 2)
     assert 0 <= written["tasks"]["memes"]["4shot_random"]["mean"] <= 100
+    shape_preds = written["tasks"]["shapes"]["4shot_rices"]["predictions"][0]
+    assert len(shape_preds) == 6 and set(shape_preds.values()) <= {"circle", "square", "triangle"}
     assert os.listdir(os.path.join(run_dir, "features"))  # RICES features cached on disk
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{os.path.join(run_dir, 'mlflow.db')}")
     history = client.get_metric_history(run_id, "eval/vqa/4shot_rices")

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from flamingo_dist.eval.tasks import (load_hateful_memes, load_karpathy, load_vqa, vqa_image_name,
-                                      write_synthetic_tasks)
+from flamingo_dist.eval.tasks import (load_classification, load_hateful_memes, load_karpathy, load_task,
+                                      load_vqa, vqa_image_name, write_synthetic_tasks)
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,28 @@ def test_missing_images_and_unanswered_questions_are_errors_naming_them(suite, t
     partial.write_text(json.dumps(ann))
     with pytest.raises(ValueError, match=r"no annotation for 1 questions, e.g. \[0\]"):
         load_vqa(suite["vqa_questions"], str(partial), suite["image_dir"], "vqav2")
+
+
+def test_classification_from_class_folders_or_jsonl(suite, tmp_path):
+    for cls, n in (("n01", 2), ("n02", 1)):
+        (tmp_path / "imagenet" / cls).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "imagenet" / cls / f"{i}.JPEG").write_bytes(b"x")
+    (tmp_path / "imagenet" / "n02" / "notes.txt").write_text("not an image")
+    (tmp_path / "names.json").write_text(json.dumps({"n01": "goldfish", "n02": "tench"}))
+    exs = load_classification(str(tmp_path / "imagenet"), class_names_json=str(tmp_path / "names.json"))
+    assert [(e.id, e.answers) for e in exs] == [("n01/0.JPEG", ["goldfish"]), ("n01/1.JPEG", ["goldfish"]),
+                                                 ("n02/0.JPEG", ["tench"])]
+    shapes = load_classification(suite["classes"], suite["image_root"])
+    assert len(shapes) == 12 and {e.answers[0] for e in shapes} <= {"circle", "square", "triangle"}
+
+
+def test_task_specs_name_what_is_missing(suite):
+    spec = {"name": "memes", "kind": "hateful_memes", "jsonl": "memes.jsonl", "support_jsonl": "memes.jsonl",
+            "image_root": "."}
+    name, kind, queries, support = load_task(spec, suite["image_root"])
+    assert (name, kind, len(queries), len(support)) == ("memes", "hateful_memes", 12, 12)
+    with pytest.raises(ValueError, match="missing 'support_jsonl'"):
+        load_task({k: v for k, v in spec.items() if k != "support_jsonl"}, suite["image_root"])
+    with pytest.raises(ValueError, match="kind must be"):
+        load_task({"name": "x", "kind": "retrieval"})

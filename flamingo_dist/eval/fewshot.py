@@ -9,7 +9,9 @@ at random (seeded per trial and query) or by RICES (the support examples whose v
 are nearest to the query's, most similar last; features are the vision encoder's CLS token,
 cached on disk). Captions and answers are generated greedily (stopping at `</s>`) and scored once
 over the whole gathered set (CIDEr, VQA accuracy); HatefulMemes ranks ` yes` against ` no` by
-log-likelihood and reports ROC-AUC. The query set is split across data-parallel ranks and
+log-likelihood and reports ROC-AUC; classification (`<image>Output:{class}`) ranks every class name
+of the set by summed log-likelihood after the prompt, whose KV cache is computed once, and reports
+top-1 accuracy. The query set is split across data-parallel ranks and
 gathered. Every result carries PROTOCOL_VERSION.
 """
 
@@ -27,7 +29,7 @@ from flamingo_dist.eval.metrics import cider, gather_predictions, roc_auc, vqa_s
 from flamingo_dist.eval.tasks import Example
 
 PROTOCOL_VERSION = "flamingo_dist-fewshot-1: OpenFlamingo prompts, 0-shot = 2 text-only demos, greedy decoding"
-KINDS = ("captioning", "vqa", "hateful_memes")
+KINDS = ("captioning", "vqa", "hateful_memes", "classification")
 
 
 def demo_text(kind: str, ex: Example, answer: str | None) -> str:
@@ -38,13 +40,15 @@ def demo_text(kind: str, ex: Example, answer: str | None) -> str:
         return f"Question:{ex.question} Short answer:" + ("" if answer is None else answer)
     if kind == "hateful_memes":
         return f"is an image with: '{ex.text}' written on it. Is it hateful? Answer:" + ("" if answer is None else answer)
+    if kind == "classification":
+        return "Output:" + ("" if answer is None else answer)
     raise ValueError(f"unknown task kind {kind!r} ({', '.join(KINDS)})")
 
 
 def demo_answer(kind: str, ex: Example, rng: random.Random) -> str:
     if kind == "hateful_memes":
         return "yes" if ex.label == 1 else "no"
-    return rng.choice(ex.answers) if kind == "captioning" else ex.answers[0]
+    return rng.choice(ex.answers) if kind == "captioning" else ex.answers[0]  # VQA/classification: the first
 
 
 def postprocess(kind: str, text: str) -> str:
@@ -143,13 +147,19 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
         feats = {"support": rices_features(model, prompter, support, feature_cache),
                  "query": rices_features(model, prompter, queries, feature_cache)}
     preds: dict = {}
+    if kind == "classification":
+        classes = sorted({e.answers[0] for e in queries + support})
+        class_ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in classes]
     for qi in range(dp_rank, len(queries), dp_size):
         q = queries[qi]
         rng = random.Random(f"{seed}/{q.id}")  # the same demonstrations whatever the layout
         query_feat = feats["query"][qi] if feats else None
         demos = choose_demos(n_demos, method, rng, support, query_feat, feats.get("support"), exclude=q.id)
         ids, pixels, mask = prompter.inputs(kind, [(d, demo_answer(kind, d, rng)) for d in demos], q, with_images)
-        if kind == "hateful_memes":
+        if kind == "classification":  # rank every class name by log-likelihood after the cached prompt
+            scores = continuation_logprobs(model, ids, pixels, mask, class_ids, use_cache=use_cache)
+            preds[q.id] = classes[max(range(len(classes)), key=scores.__getitem__)]
+        elif kind == "hateful_memes":
             yes, no = (tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in ("yes", "no"))
             ly, ln = continuation_logprobs(model, ids, pixels, mask, [yes, no], use_cache=use_cache)
             preds[q.id] = (torch.tensor([ly, ln]).softmax(0)[0].item(), q.label)
@@ -164,6 +174,8 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
         return cider(preds, {q.id: q.answers for q in queries}), preds
     if kind == "vqa":
         return vqa_score(preds, {q.id: q.answers for q in queries}), preds
+    if kind == "classification":
+        return 100.0 * sum(preds[q.id] == q.answers[0] for q in queries) / len(queries), preds
     score = 100.0 * roc_auc([preds[q.id][0] for q in queries], [preds[q.id][1] for q in queries])
     return score, {k: p for k, (p, _) in preds.items()}
 

@@ -10,6 +10,9 @@
   `COCO_<coco_split>_<image_id:012d>.jpg`, VizWiz the `image_id` itself (a file name), TextVQA
   `<image_id>.jpg`.
 - HatefulMemes JSONL: one `{"id", "img", "text", "label"}` per line, `img` relative to the root.
+- Classification, ImageNet-style: a folder of class folders (`<root>/<class>/<image>`, with an
+  optional JSON mapping folder names to class names), or a JSONL of `{"image", "label"}`.
+  `answers` holds the one true class name.
 
 A record that names an image file that does not exist is an error naming the file (an
 evaluation on a partial set would not be comparable to published numbers).
@@ -99,6 +102,35 @@ def load_hateful_memes(jsonl_path: str, image_root: str) -> list[Example]:
     return _check_images(out, jsonl_path)
 
 
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def load_classification(source: str, image_root: str | None = None, class_names_json: str | None = None) -> list[Example]:
+    """ImageNet-style classification examples, from a folder of class folders or a JSONL file."""
+    names: dict = {}
+    if class_names_json is not None:
+        with open(class_names_json) as f:
+            names = json.load(f)
+    out = []
+    if os.path.isdir(source):
+        for cls in sorted(os.listdir(source)):
+            folder = os.path.join(source, cls)
+            if os.path.isdir(folder):
+                out += [Example(f"{cls}/{n}", os.path.join(folder, n), answers=[names.get(cls, cls)])
+                        for n in sorted(os.listdir(folder)) if n.lower().endswith(_IMAGE_EXTS)]
+    else:
+        with open(source) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    label = names.get(row["label"], row["label"])
+                    out.append(Example(row.get("id", n), os.path.join(image_root or "", row["image"]),
+                                       answers=[label]))
+    if not out:
+        raise ValueError(f"{source}: no classification examples")
+    return _check_images(out, source)
+
+
 def write_synthetic_tasks(out_dir: str, num_images: int = 48, seed: int = 0, side: int = 32) -> dict[str, str]:
     """A synthetic evaluation suite in the standard layouts above, from images of shapes with
     known attributes: Karpathy-style captions (train/test), VQAv2-style questions and
@@ -111,7 +143,7 @@ def write_synthetic_tasks(out_dir: str, num_images: int = 48, seed: int = 0, sid
     rng = random.Random(seed)
     img_dir = os.path.join(out_dir, "val2014")
     os.makedirs(img_dir, exist_ok=True)
-    images, questions, annotations, memes = [], [], [], []
+    images, questions, annotations, memes, shapes_cls = [], [], [], [], []
     colors = sorted(COLORS)
     for i in range(num_images):
         color, shape, size = rng.choice(colors), rng.choice(SHAPES), rng.choice(SIZES)
@@ -131,10 +163,12 @@ def write_synthetic_tasks(out_dir: str, num_images: int = 48, seed: int = 0, sid
                 "multiple_choice_answer": a, "question_type": "what", "answer_type": "other"})
         memes.append({"id": i, "img": os.path.join("val2014", name), "text": f"a {color} {shape}",
                       "label": int(color == "red")})
+        shapes_cls.append({"id": i, "image": os.path.join("val2014", name), "label": shape})
     paths = {"karpathy": os.path.join(out_dir, "dataset_synthetic.json"),
              "vqa_questions": os.path.join(out_dir, "questions.json"),
              "vqa_annotations": os.path.join(out_dir, "annotations.json"),
-             "memes": os.path.join(out_dir, "memes.jsonl"), "image_root": out_dir, "image_dir": img_dir}
+             "memes": os.path.join(out_dir, "memes.jsonl"), "classes": os.path.join(out_dir, "shapes.jsonl"),
+             "image_root": out_dir, "image_dir": img_dir}
     with open(paths["karpathy"], "w") as f:
         json.dump({"images": images, "dataset": "coco"}, f)
     with open(paths["vqa_questions"], "w") as f:
@@ -143,6 +177,8 @@ def write_synthetic_tasks(out_dir: str, num_images: int = 48, seed: int = 0, sid
         json.dump({"annotations": annotations}, f)
     with open(paths["memes"], "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in memes)
+    with open(paths["classes"], "w") as f:
+        f.writelines(json.dumps(c) + "\n" for c in shapes_cls)
     return paths
 
 
@@ -152,6 +188,8 @@ def load_task(spec: dict, base_dir: str = ".") -> tuple[str, str, list[Example],
       {name, kind: vqa, dataset: vqav2|okvqa|vizwiz|textvqa, questions, annotations, image_dir,
        coco_split, support_questions, support_annotations, support_image_dir, support_coco_split}
       {name, kind: hateful_memes, jsonl, image_root, support_jsonl}
+      {name, kind: classification, source, support_source (class folders or JSONL), image_root,
+       class_names (optional JSON: folder name -> class name)}
     Relative paths are taken from base_dir (the tasks file's folder)."""
     def path(key: str, default: str | None = None) -> str:
         if key not in spec and default is None:
@@ -173,7 +211,13 @@ def load_task(spec: dict, base_dir: str = ".") -> tuple[str, str, list[Example],
     if kind == "hateful_memes":
         root = path("image_root")
         return name, kind, load_hateful_memes(path("jsonl"), root), load_hateful_memes(path("support_jsonl"), root)
-    raise ValueError(f"eval task {name!r}: kind must be captioning, vqa or hateful_memes, got {kind!r}")
+    if kind == "classification":
+        root = path("image_root", ".")
+        names = path("class_names") if "class_names" in spec else None
+        return name, kind, load_classification(path("source"), root, names), \
+            load_classification(path("support_source"), root, names)
+    raise ValueError(f"eval task {name!r}: kind must be captioning, vqa, hateful_memes or classification, "
+                     f"got {kind!r}")
 
 
 def synthetic_suite(out_dir: str) -> dict[str, tuple[str, list[Example], list[Example]]]:
@@ -186,8 +230,10 @@ def synthetic_suite(out_dir: str) -> dict[str, tuple[str, list[Example], list[Ex
     karpathy, img = os.path.join(out_dir, "dataset_synthetic.json"), os.path.join(out_dir, "val2014")
     vqa = load_vqa(os.path.join(out_dir, "questions.json"), os.path.join(out_dir, "annotations.json"), img, "vqav2")
     memes = load_hateful_memes(os.path.join(out_dir, "memes.jsonl"), out_dir)
+    shapes = load_classification(os.path.join(out_dir, "shapes.jsonl"), out_dir)
     half_q, half_m = len(vqa) // 2, len(memes) // 2
     return {"synthetic_captions": ("captioning", load_karpathy(karpathy, out_dir, "test"),
                                    load_karpathy(karpathy, out_dir, "train")),
             "synthetic_vqa": ("vqa", vqa[:half_q], vqa[half_q:]),
-            "synthetic_memes": ("hateful_memes", memes[:half_m], memes[half_m:])}
+            "synthetic_memes": ("hateful_memes", memes[:half_m], memes[half_m:]),
+            "synthetic_shapes": ("classification", shapes[:half_m], shapes[half_m:])}
