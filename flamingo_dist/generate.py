@@ -9,6 +9,11 @@ values once, and each LM layer keeps the keys and values of the tokens so far, s
 costs one token's forward. `use_cache=False` recomputes the whole sequence for every token (the
 reference the cached path is tested against). Works at any TP size (every TP rank of a group
 computes the same tokens).
+
+`beam_search` keeps the `num_beams` best partial sequences by summed log-probability (3 beams by
+default, as OpenFlamingo evaluates); a sequence that ends with a stop token among the best
+`num_beams` candidates of a step is finished with the score sum / length ** length_penalty, and
+the best finished or surviving sequence wins, as in transformers' beam search.
 """
 
 from __future__ import annotations
@@ -90,3 +95,65 @@ def continuation_logprobs(model, prompt_ids_1T: torch.Tensor, pixel_values_1NCP:
             logp = lp.gather(-1, c[0, :, None]).sum()
         out.append(float(logp))
     return out
+
+
+@torch.no_grad()
+def beam_search(model, input_ids_1T: torch.Tensor, pixel_values_1NCP: torch.Tensor | None,
+                image_attention_mask_1TN: torch.Tensor | None, max_new_tokens: int, num_beams: int = 3,
+                stop_token_ids: tuple[int, ...] = (), length_penalty: float = 1.0, use_cache: bool = True,
+                banned_token_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """The best sequence's new tokens [1, <= max_new_tokens] for one prompt."""
+    from flamingo_dist.models.flamingo import GenerationCache
+
+    if input_ids_1T.shape[0] != 1 or num_beams < 1 or max_new_tokens < 1:
+        raise ValueError("beam_search: one prompt, num_beams >= 1, max_new_tokens >= 1")
+    dev = input_ids_1T.device
+    mask = image_attention_mask_1TN
+    row = mask[:, -1:] if mask is not None else None
+    cache = GenerationCache() if use_cache else None
+    logits = model.logits(input_ids_1T, pixel_values_1NCP, mask, cache=cache)[:, -1]
+    beams = [[]]  # new tokens of each running beam
+    scores = torch.zeros(1, device=dev, dtype=torch.float64)
+    finished: list[tuple[float, list[int]]] = []
+    stops, banned = set(stop_token_ids), list(banned_token_ids)
+    for step in range(max_new_tokens):
+        logp = logits.double().log_softmax(-1)
+        if banned:
+            logp[:, banned] = float("-inf")
+        total = (scores[:, None] + logp).flatten()
+        V = logp.shape[-1]
+        top = total.topk(min(2 * num_beams, total.numel()))
+        keep_rows, keep_tokens, keep_scores = [], [], []
+        for rank, (score, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            b, tok = divmod(flat, V)
+            if tok in stops:
+                if rank < num_beams:  # only the step's best num_beams candidates may finish
+                    finished.append((score / ((len(beams[b]) + 1) ** length_penalty), beams[b] + [tok]))
+            elif len(keep_rows) < num_beams:
+                keep_rows.append(b)
+                keep_tokens.append(tok)
+                keep_scores.append(score)
+        finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
+        beams = [beams[b] + [t] for b, t in zip(keep_rows, keep_tokens)]
+        scores = torch.tensor(keep_scores, device=dev, dtype=torch.float64)
+        if step == max_new_tokens - 1 or not beams:
+            break
+        if len(finished) == num_beams:  # no running beam can still beat the worst finished one
+            best_possible = scores.max().item() / ((len(beams[0])) ** length_penalty)
+            if best_possible <= finished[-1][0]:
+                break
+        rows = torch.tensor(keep_rows, device=dev)
+        new = torch.tensor(keep_tokens, device=dev, dtype=input_ids_1T.dtype)[:, None]
+        if cache is not None:
+            cache = cache.select(rows)
+            logits = model.logits(new, None, None if row is None else row.expand(len(beams), 1, -1),
+                                  cache=cache)[:, -1]
+        else:
+            ids = torch.cat([input_ids_1T.expand(len(beams), -1),
+                             torch.tensor([b for b in beams], device=dev, dtype=input_ids_1T.dtype)], dim=1)
+            m = None if mask is None else torch.cat([mask, row.expand(1, len(beams[0]), -1)], 1).expand(len(beams), -1, -1)
+            pv = None if pixel_values_1NCP is None else pixel_values_1NCP.expand(len(beams), *pixel_values_1NCP.shape[1:])
+            logits = model.logits(ids, pv, m)[:, -1]
+    candidates = finished + [(s / (len(b) ** length_penalty), b) for s, b in zip(scores.tolist(), beams)]
+    best = max(candidates, key=lambda c: c[0])[1]
+    return torch.tensor([best], device=dev, dtype=input_ids_1T.dtype)

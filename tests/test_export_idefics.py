@@ -74,6 +74,15 @@ def test_stock_idefics_on_the_export_gives_our_logits(world1, tmp_path, alpha_ty
     theirs = out[:, 14:]
     assert mine.shape == theirs.shape and mine.shape[1] >= 1
     assert torch.equal(mine, theirs), f"ours {mine.tolist()} vs IDEFICS {theirs.tolist()}"
+    from flamingo_dist.generate import beam_search
+
+    for row in range(2):  # and beam search with 3 beams, as transformers' generate does it
+        ours_beam = beam_search(model, prompt[row:row + 1], pixels[row:row + 1], mask[row:row + 1, :14], 12,
+                                num_beams=3, stop_token_ids=(2,))
+        hf_beam = hf.generate(input_ids=prompt[row:row + 1], pixel_values=pixels[row:row + 1],
+                              image_attention_mask=mask[row:row + 1, :14], max_new_tokens=12, do_sample=False,
+                              num_beams=3, eos_token_id=2, pad_token_id=0)[:, 14:]
+        assert torch.equal(ours_beam, hf_beam), f"beam: ours {ours_beam.tolist()} vs IDEFICS {hf_beam.tolist()}"
 
 
 @pytest.mark.parametrize("sets,reason", [

@@ -4,7 +4,7 @@ tokens (parity with stock IDEFICS generation is in test_export_idefics.py)."""
 import pytest
 import torch
 
-from flamingo_dist.generate import greedy
+from flamingo_dist.generate import beam_search, greedy
 
 
 class Scripted:
@@ -85,6 +85,10 @@ def _cached_vs_uncached(layout):
         calls.clear()
         out[use_cache] = greedy(model, ids, pixels, mask, 12, use_cache=use_cache)
         out[f"vision_calls_{use_cache}"] = len(calls)
+        out[f"beam_{use_cache}"] = beam_search(model, ids[:1], pixels[:1], mask[:1], 10, num_beams=3,
+                                               use_cache=use_cache)
+    out["greedy_row0"] = greedy(model, ids[:1], pixels[:1], mask[:1], 10)
+    out["beam1"] = beam_search(model, ids[:1], pixels[:1], mask[:1], 10, num_beams=1)
     return out
 
 
@@ -98,6 +102,8 @@ def test_cached_generation_gives_exactly_the_tokens_of_uncached_generation(tp, t
         assert len(set(out[True].flatten().tolist())) > 2  # not a degenerate constant stream
         assert out["vision_calls_True"] == 1  # the vision encoder runs once per prompt
         assert out["vision_calls_False"] == 12
+        assert torch.equal(out["beam_True"], out["beam_False"])  # beam search: cached == uncached too
+        assert torch.equal(out["beam1"], out["greedy_row0"])  # one beam is greedy decoding
 
 
 def _scoring(layout):

@@ -52,6 +52,16 @@ class GenerationCache:
         self.layers: dict[int, dict] = {}
         self.length = 0
 
+    def select(self, rows: torch.Tensor) -> "GenerationCache":
+        """The cache of the given batch rows, in that order (beam search reorders its beams)."""
+        other = GenerationCache()
+        other.length = self.length
+        if self.media_BMV is not None:
+            other.media_BMV = self.media_BMV.index_select(0, rows)
+        other.media_kv = {i: (k.index_select(0, rows), v.index_select(0, rows)) for i, (k, v) in self.media_kv.items()}
+        other.layers = {i: {n: t.index_select(0, rows) for n, t in kv.items()} for i, kv in self.layers.items()}
+        return other
+
     def fork(self) -> "GenerationCache":
         """An independent continuation of this cache (tensors are shared, never modified in
         place): score several continuations of one cached prefix."""
