@@ -258,6 +258,8 @@ class EvalConfig:
     """Evaluate the first this many queries of each task (a small fixed subset)."""
     max_new_tokens: int = 10
     """Generation length for captions and answers."""
+    num_beams: int = 3
+    """Beam search width for captions and answers (OpenFlamingo's 3); 1 is greedy decoding."""
 
 
 @dataclass
@@ -492,8 +494,8 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
     need(ev.every_steps >= 0, "eval.every_steps: must be >= 0")
     need(all(k >= 0 for k in ev.shots) and len(ev.shots) > 0, "eval.shots: a non-empty list of counts >= 0")
     need(len(ev.methods) > 0 and set(ev.methods) <= {"random", "rices"}, "eval.methods: random and/or rices")
-    need(ev.trials >= 1 and ev.max_queries >= 1 and ev.max_new_tokens >= 1,
-         "eval.trials, eval.max_queries, eval.max_new_tokens: must be >= 1")
+    need(ev.trials >= 1 and ev.max_queries >= 1 and ev.max_new_tokens >= 1 and ev.num_beams >= 1,
+         "eval.trials, eval.max_queries, eval.max_new_tokens, eval.num_beams: must be >= 1")
     if ev.tasks_file is not None and not os.path.isfile(ev.tasks_file):
         errors.append(f"eval.tasks_file: {ev.tasks_file} is not a file")
     need(ev.every_steps == 0 or ev.synthetic or ev.tasks_file is not None,

@@ -182,7 +182,7 @@ class Trainer:
                 out_json=os.path.join(run_dir, "eval", f"step_{step:08d}.json"), dp_rank=lay.dp_rank,
                 dp_size=lay.dp_size, dp_group=self.dp_group, feature_cache=os.path.join(run_dir, "eval", "features"),
                 tracker=self.tracker, step=step, seed=self.cfg.train.seed, max_new_tokens=ev.max_new_tokens,
-                writer=lay.rank == 0)
+                writer=lay.rank == 0, num_beams=ev.num_beams)
         finally:
             self.model.train(was_training)
             self.model.vision.eval()  # the frozen tower always stays in eval mode

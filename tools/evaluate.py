@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=1)
     p.add_argument("--max-queries", type=int, help="evaluate only the first N queries of each task")
     p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--num-beams", type=int, default=3, help="beam search width (1: greedy)")
     p.add_argument("--feature-cache", help="where RICES features are cached (default: beside --out)")
     p.add_argument("--out", required=True, help="results JSON")
     args = p.parse_args(argv)
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
         model, tokenizer = fewshot.HFIdefics(hf), AutoTokenizer.from_pretrained(args.hf)
         image_size = hf.config.vision_config.image_size
         results = fewshot.run(model, tokenizer, suite, args.shots, args.methods, args.trials, image_size,
-                              out_json=args.out, feature_cache=cache, max_new_tokens=args.max_new_tokens)
+                              out_json=args.out, feature_cache=cache, max_new_tokens=args.max_new_tokens,
+                              num_beams=args.num_beams)
     else:
         from flamingo_dist.checkpoint import CheckpointError, model_from_checkpoint, tokenizer_dir
         from flamingo_dist.hf_llama import load_tokenizer
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
             tokenizer = load_tokenizer(tokenizer_dir(cfg), cfg.model.lm.vocab_size)
             results = fewshot.run(model, tokenizer, suite, args.shots, args.methods, args.trials,
                                   model.vision.image_size, out_json=args.out, feature_cache=cache,
-                                  max_new_tokens=args.max_new_tokens)
+                                  max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
         except CheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
