@@ -15,14 +15,15 @@ def world1():
     destroy_distributed()
 
 
-def trained_like(world1, *sets):
-    """A debug model whose trainable weights are all random (gates open), as after training."""
+def trained_like(world1, *sets, seed: int = 11):
+    """A debug model whose trainable weights are all random (gates open), as after training
+    (`world1`: an initialised process group; `sets`: config overrides, TP size included)."""
     from flamingo_dist.build import build_model
     from flamingo_dist.parallel import tp_group
     from flamingo_dist.parallelize import apply_freeze
 
     cfg = load_config(None, list(sets))
-    model = build_model(cfg.model, tp_group(), seed=11)
+    model = build_model(cfg.model, tp_group(), seed=seed)
     apply_freeze(model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

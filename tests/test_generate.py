@@ -50,22 +50,13 @@ def test_max_new_tokens_bounds_the_output_and_must_be_positive():
 def _model_and_prompt(layout):
     """A debug model with every trainable weight moved (gates open), GQA and q/k norms, and a
     two-image prompt."""
-    from flamingo_dist.build import build_model
-    from flamingo_dist.config import load_config
-    from flamingo_dist.data.layout import image_attention_mask
-    from flamingo_dist.parallel import tp_group
-    from flamingo_dist.parallelize import apply_freeze
+    from test_export_idefics import trained_like
 
-    cfg = load_config(None, [f"parallel.tensor_parallel_size={layout.tp_size}", "model.lm.num_kv_heads=2",
-                             "model.xattn.qk_layer_norms=true", "model.xattn.alpha_type=vector"])
-    model = build_model(cfg.model, tp_group(), seed=3)
-    apply_freeze(model)
+    from flamingo_dist.data.layout import image_attention_mask
+
+    model, cfg = trained_like(layout, f"parallel.tensor_parallel_size={layout.tp_size}", "model.lm.num_kv_heads=2",
+                              "model.xattn.qk_layer_norms=true", "model.xattn.alpha_type=vector", seed=3)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * (0.5 if "alpha" in name else 0.05))
-    model.eval()
     V = cfg.model.lm.vocab_size
     ids = torch.randint(3, V, (2, 16), generator=g)
     ids[:, 0] = 1
