@@ -84,6 +84,13 @@ class Trainer:
                              f"input size ({self.model.vision.image_size})")
         self.engine = parallelize(self.model, cfg, ds_config, MegatronMPU())
         self.device = self.engine.device
+        if cfg.eval.every_steps and self.engine.zero_optimization_partition_weights() and lay.dp_size > 1:
+            from flamingo_dist.config import ConfigError
+
+            raise ConfigError("eval.every_steps: evaluation during training does not run under ZeRO-3 with data "
+                              "parallelism (ranks evaluate different queries, so their forward passes over the "
+                              "partitioned weights would not line up); use ZeRO-1/2, or evaluate checkpoints "
+                              "with tools/evaluate.py")
         self.dp_group = dp_group()
         if cfg.checkpoint.resume:
             self._resume(cfg.checkpoint.resume)

@@ -125,3 +125,14 @@ def test_evaluation_during_training_lands_in_the_mlflow_run(synthetic_corpus, tm
     assert len(client.get_metric_history(run_id, "loss")) == 4  # beside the training loss, in one run
     with open(os.path.join(run_dir, "eval", "step_00000004.json")) as f:
         assert json.load(f)["step"] == 4
+
+
+def _zero3_eval(layout, corpus, run_dir):
+    from test_trainer import make_trainer
+
+    make_trainer(layout, corpus, run_dir, 3, "eval.every_steps=2", "eval.synthetic=true")
+
+
+def test_evaluation_during_training_under_zero3_with_data_parallelism_is_refused(synthetic_corpus, tmp_path):
+    with pytest.raises(Exception, match="does not run under ZeRO-3 with data parallelism"):
+        run_distributed(_zero3_eval, 2, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"))
