@@ -77,6 +77,7 @@ def test_stock_idefics_on_the_export_gives_our_logits(world1, tmp_path, alpha_ty
     assert torch.equal(mine, theirs), f"ours {mine.tolist()} vs IDEFICS {theirs.tolist()}"
     from flamingo_dist.generate import beam_search
 
+    finished_early = []
     for row in range(2):  # and beam search with 3 beams, as transformers' generate does it
         ours_beam = beam_search(model, prompt[row:row + 1], pixels[row:row + 1], mask[row:row + 1, :14], 12,
                                 num_beams=3, stop_token_ids=(2,))
@@ -84,6 +85,16 @@ def test_stock_idefics_on_the_export_gives_our_logits(world1, tmp_path, alpha_ty
                               image_attention_mask=mask[row:row + 1, :14], max_new_tokens=12, do_sample=False,
                               num_beams=3, eos_token_id=2, pad_token_id=0)[:, 14:]
         assert torch.equal(ours_beam, hf_beam), f"beam: ours {ours_beam.tolist()} vs IDEFICS {hf_beam.tolist()}"
+        for k in (0, 3):  # stop tokens the beams do produce: hypotheses finish early, as with </s>
+            stop = int(ours_beam[0, k])
+            ours_eos = beam_search(model, prompt[row:row + 1], pixels[row:row + 1], mask[row:row + 1, :14], 12,
+                                   num_beams=3, stop_token_ids=(stop,))
+            hf_eos = hf.generate(input_ids=prompt[row:row + 1], pixel_values=pixels[row:row + 1],
+                                 image_attention_mask=mask[row:row + 1, :14], max_new_tokens=12, do_sample=False,
+                                 num_beams=3, eos_token_id=stop, pad_token_id=0)[:, 14:]
+            assert torch.equal(ours_eos, hf_eos), (stop, ours_eos.tolist(), hf_eos.tolist())
+            finished_early.append(ours_eos.shape[1] < 12)
+    assert any(finished_early)  # the stop-token rules were exercised
 
 
 @pytest.mark.parametrize("sets,reason", [
