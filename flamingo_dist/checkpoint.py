@@ -393,7 +393,7 @@ def model_from_checkpoint(path: str, dtype: torch.dtype = torch.float32):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from flamingo_dist.build import build_model, resolve_model_config
-    from flamingo_dist.config import config_from_dict
+    from flamingo_dist.config_load import config_from_dict
     from flamingo_dist.parallel import tp_group
 
     verify(path)

@@ -22,7 +22,8 @@ if __package__ in (None, ""):  # run as a script: import the package, not its fo
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[0] = _root
 
-from flamingo_dist.config import ConfigError, load_config, validate  # noqa: E402
+from flamingo_dist.config import ConfigError  # noqa: E402
+from flamingo_dist.config_load import load_config, validate  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

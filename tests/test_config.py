@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from flamingo_dist.config import ConfigError, load_config, validate
+from flamingo_dist.config import ConfigError
+from flamingo_dist.config_load import load_config, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,7 +101,7 @@ def test_config_reference_is_current_and_complete():
 
 def test_entry_point_import_is_lean():
     """Parsing and validating the config imports none of the heavy stack."""
-    code = ("import sys; import flamingo_dist.train as t; from flamingo_dist.config import load_config; load_config();"
+    code = ("import sys; import flamingo_dist.train as t; from flamingo_dist.config_load import load_config; load_config();"
             "heavy = [m for m in ('deepspeed', 'mlflow', 'transformers', 'megatron', 'open_clip', 'webdataset', 'torch')"
             " if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)

@@ -12,7 +12,7 @@ from distributed import run_distributed
 
 def _debug_model_and_tokenizer(layout, corpus):
     from flamingo_dist.build import build_model
-    from flamingo_dist.config import load_config
+    from flamingo_dist.config_load import load_config
     from flamingo_dist.hf_llama import load_tokenizer
     from flamingo_dist.parallel import tp_group
 
@@ -22,7 +22,7 @@ def _debug_model_and_tokenizer(layout, corpus):
 
 
 def _harness(layout, corpus, tasks_dir, run_dir):
-    from flamingo_dist.config import load_config
+    from flamingo_dist.config_load import load_config
     from flamingo_dist.eval.fewshot import run
     from flamingo_dist.eval.tasks import (load_classification, load_hateful_memes, load_karpathy, load_vqa,
                                           write_synthetic_tasks)

@@ -4,7 +4,7 @@ gives our logits (the external reference for the whole model's semantics)."""
 import pytest
 import torch
 
-from flamingo_dist.config import load_config
+from flamingo_dist.config_load import load_config
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flamingo_dist.config import load_config
+from flamingo_dist.config_load import load_config
 
 
 @pytest.fixture(scope="module")

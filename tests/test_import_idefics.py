@@ -39,7 +39,7 @@ def inputs(V: int = 120):
 
 def _our_logits(layout, path):
     from flamingo_dist.build import build_model, resolve_model_config
-    from flamingo_dist.config import load_config
+    from flamingo_dist.config_load import load_config
     from flamingo_dist.parallel import tp_group
 
     cfg = load_config(None, [f"model.init_from={path}", f"parallel.tensor_parallel_size={layout.tp_size}"])
@@ -66,7 +66,7 @@ def test_imported_idefics_gives_its_logits_at_tp1_and_tp2(tmp_path):
 
 def _round_trip(layout, out_dir):
     from flamingo_dist.build import build_model, resolve_model_config
-    from flamingo_dist.config import load_config
+    from flamingo_dist.config_load import load_config
     from flamingo_dist.export_idefics import export_idefics
     from flamingo_dist.parallel import tp_group
 

@@ -9,7 +9,7 @@ from distributed import run_distributed
 
 def _forward_backward(layout):
     from flamingo_dist.build import build_model
-    from flamingo_dist.config import load_config
+    from flamingo_dist.config_load import load_config
     from flamingo_dist.parallel import tp_group
     from flamingo_dist.parallelize import apply_freeze
 

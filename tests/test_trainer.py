@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_trainer(layout, corpus, run_dir, stage, *sets):
-    from flamingo_dist.config import load_config
+    from flamingo_dist.config_load import load_config
     from flamingo_dist.trainer import Trainer
 
     cfg = load_config(None, [f"data.synthetic_dir={corpus}", f"tracking.run_dir={run_dir}", "tracking.mlflow=false",

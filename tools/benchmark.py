@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    from flamingo_dist.config import load_config, validate
+    from flamingo_dist.config_load import load_config, validate
 
     cfg = load_config(args.config, [*args.set, f"train.steps={args.warmup + args.steps}", "tracking.mlflow=false"])
     validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))

@@ -1,0 +1,216 @@
+"""Selecting config values and checking them: the flavor, then the YAML file, then each
+``--set dotted.key=value`` override; ``validate`` reports every problem at once, before any heavy
+import or allocation. (The typed fields themselves are in config.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import yaml
+
+from flamingo_dist.config import ConfigError, JobConfig
+
+
+def _merge(obj: Any, values: dict, prefix: str, errors: list[str]) -> None:
+    """Set dataclass fields of `obj` from a nested dict, collecting unknown keys as errors."""
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            errors.append(f"{path}: unknown field (known: {', '.join(sorted(names))})")
+            continue
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                errors.append(f"{path}: expected a mapping, got {value!r}")
+            else:
+                _merge(current, value, path + ".", errors)
+        else:
+            if isinstance(current, tuple) and isinstance(value, list):
+                value = tuple(value)
+            if isinstance(current, float) and isinstance(value, str):
+                try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+                    value = float(value)
+                except ValueError:
+                    pass
+            setattr(obj, key, value)
+
+
+def _parse_override(text: str) -> dict:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(values: dict) -> JobConfig:
+    """A JobConfig from a dict of the same shape (a checkpoint's resolved config), validated."""
+    from flamingo_dist.flavors import get_flavor
+
+    cfg = get_flavor(values.get("flavor", "debug"))
+    errors: list[str] = []
+    _merge(cfg, values, "", errors)
+    validate(cfg, errors)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> JobConfig:
+    """Build a JobConfig: the flavor named in the YAML (or `debug`), then the YAML's values,
+    then each `dotted.key=value` override; validated before returning."""
+    from flamingo_dist.flavors import get_flavor
+
+    values: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path}: no such file")
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config {path}: expected a YAML mapping at the top level")
+    parsed = [_parse_override(o) for o in overrides]
+    flavor = values.get("flavor", "debug")
+    for p in parsed:
+        flavor = p.get("flavor", flavor)
+    cfg = get_flavor(flavor)
+    errors: list[str] = []
+    _merge(cfg, values, "", errors)
+    for p in parsed:
+        _merge(cfg, p, "", errors)
+    validate(cfg, errors)
+    return cfg
+
+
+def _check_types(obj: Any, prefix: str, errors: list[str]) -> None:
+    """Catch values of the wrong type (a YAML string where a number belongs, say)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_types(value, path + ".", errors)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        if value is None or default is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            errors.append(f"{path}: expected {type(default).__name__}, got {value!r}")
+
+
+def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Optional[int] = None) -> None:
+    """Check every field and their relations; raise one ConfigError listing all problems."""
+    errors = list(errors or [])
+    _check_types(cfg, "", errors)
+    if errors:  # the relational checks below assume the types are right
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    lm, t, x, r = cfg.model.lm, cfg.train, cfg.model.xattn, cfg.model.resampler
+    tp = cfg.parallel.tensor_parallel_size
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(msg)
+
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+        need(getattr(lm, name) > 0, f"model.lm.{name}: must be positive")
+    if lm.num_heads > 0:
+        need(lm.hidden_size % lm.num_heads == 0,
+             f"model.lm.hidden_size ({lm.hidden_size}) must be divisible by model.lm.num_heads ({lm.num_heads})")
+        need(lm.num_kv_heads is None or (lm.num_kv_heads > 0 and lm.num_heads % lm.num_kv_heads == 0),
+             f"model.lm.num_kv_heads ({lm.num_kv_heads}) must divide model.lm.num_heads ({lm.num_heads})")
+    need(lm.rope_theta > 0, "model.lm.rope_theta: must be positive")
+    if lm.path is not None and not os.path.isdir(lm.path):
+        errors.append(f"model.lm.path: {lm.path} is not a directory")
+    init = cfg.model.init_from
+    if init is not None:
+        if not os.path.isdir(init):
+            errors.append(f"model.init_from: {init} is not a directory")
+        if lm.path is not None or cfg.model.vision.pretrained is not None:
+            errors.append("model.init_from: excludes model.lm.path and model.vision.pretrained (it holds all weights)")
+    need(tp >= 1, "parallel.tensor_parallel_size: must be >= 1")
+    if tp >= 1 and lm.num_heads > 0:
+        need(lm.num_heads % tp == 0,
+             f"parallel.tensor_parallel_size ({tp}) must divide model.lm.num_heads ({lm.num_heads})")
+        need(lm.kv_heads % tp == 0,
+             f"parallel.tensor_parallel_size ({tp}) must divide the key/value heads ({lm.kv_heads}, "
+             "model.lm.num_kv_heads)")
+        need(lm.intermediate_size % tp == 0,
+             f"parallel.tensor_parallel_size ({tp}) must divide model.lm.intermediate_size ({lm.intermediate_size})")
+    if world_size is not None and tp >= 1:
+        need(world_size % tp == 0,
+             f"parallel.tensor_parallel_size ({tp}) must divide the world size ({world_size})")
+    need(x.placement in ("idefics", "openflamingo", "explicit"),
+         f"model.xattn.placement: {x.placement!r} is not one of idefics, openflamingo, explicit")
+    need(x.cross_layer_interval >= 1, "model.xattn.cross_layer_interval: must be >= 1")
+    if x.placement == "explicit":
+        need(bool(x.layers), "model.xattn.layers: placement explicit needs a non-empty list")
+        bad = [i for i in x.layers if not (isinstance(i, int) and 0 <= i < lm.num_layers)]
+        need(not bad, f"model.xattn.layers: {bad} outside 0..{lm.num_layers - 1}")
+    elif x.layers:
+        errors.append("model.xattn.layers: only used with placement explicit")
+    need(x.alpha_type in ("float", "vector"), f"model.xattn.alpha_type: {x.alpha_type!r} is not float or vector")
+    for name in ("num_latents", "depth", "num_heads", "head_dim"):
+        need(getattr(r, name) > 0, f"model.resampler.{name}: must be positive")
+    need(cfg.model.vision.activation in ("gelu", "quick_gelu"),
+         f"model.vision.activation: {cfg.model.vision.activation!r} is not gelu or quick_gelu")
+    vp = cfg.model.vision.pretrained
+    if vp is not None and not os.path.isfile(vp):
+        errors.append(f"model.vision.pretrained: {vp} is not a file")
+    need(t.steps >= 1, "train.steps: must be >= 1")
+    need(t.micro_batch_size >= 1, "train.micro_batch_size: must be >= 1")
+    need(t.grad_accum_steps >= 1, "train.grad_accum_steps: must be >= 1")
+    need(t.lr > 0, "train.lr: must be positive")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio: must be in [0, 1]")
+    need(t.warmup_steps >= 0, "train.warmup_steps: must be >= 0")
+    need(t.schedule in ("cosine", "constant"), f"train.schedule: {t.schedule!r} is not cosine or constant")
+    need(t.weight_decay >= 0, "train.weight_decay: must be >= 0")
+    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas: two values in [0, 1)")
+    need(t.grad_clip >= 0, "train.grad_clip: must be >= 0")
+    need(t.z_loss >= 0, "train.z_loss: must be >= 0")
+    need(t.precision in ("bf16", "fp32"), f"train.precision: {t.precision!r} is not bf16 or fp32")
+    need(t.max_consecutive_skipped_steps >= 1, "train.max_consecutive_skipped_steps: must be >= 1")
+    need(t.log_every >= 1, "train.log_every: must be >= 1")
+    ck = cfg.checkpoint
+    need(ck.every_steps >= 0, "checkpoint.every_steps: must be >= 0")
+    need(ck.every_minutes >= 0, "checkpoint.every_minutes: must be >= 0")
+    need(ck.keep_last >= 0, "checkpoint.keep_last: must be >= 0")
+    need(ck.keep_every >= 0, "checkpoint.keep_every: must be >= 0")
+    if ck.resume not in (None, "auto") and not os.path.isdir(ck.resume):
+        errors.append(f"checkpoint.resume: {ck.resume} is neither 'auto' nor a checkpoint directory")
+    d = cfg.data
+    need(d.seq_len >= 8, "data.seq_len: must be >= 8")
+    need(d.seq_len <= lm.max_position_embeddings,
+         f"data.seq_len ({d.seq_len}) exceeds model.lm.max_position_embeddings ({lm.max_position_embeddings})")
+    need(d.max_images >= 1, "data.max_images: must be >= 1")
+    need(d.num_workers >= 0, "data.num_workers: must be >= 0")
+    need(d.synthetic_num_docs >= 1, "data.synthetic_num_docs: must be >= 1")
+    if d.tokenizer is not None and not os.path.isdir(d.tokenizer):
+        errors.append(f"data.tokenizer: {d.tokenizer} is not a directory")
+    ev = cfg.eval
+    need(ev.every_steps >= 0, "eval.every_steps: must be >= 0")
+    need(all(k >= 0 for k in ev.shots) and len(ev.shots) > 0, "eval.shots: a non-empty list of counts >= 0")
+    need(len(ev.methods) > 0 and set(ev.methods) <= {"random", "rices"}, "eval.methods: random and/or rices")
+    need(ev.trials >= 1 and ev.max_queries >= 1 and ev.max_new_tokens >= 1 and ev.num_beams >= 1,
+         "eval.trials, eval.max_queries, eval.max_new_tokens, eval.num_beams: must be >= 1")
+    if ev.tasks_file is not None and not os.path.isfile(ev.tasks_file):
+        errors.append(f"eval.tasks_file: {ev.tasks_file} is not a file")
+    need(ev.every_steps == 0 or ev.synthetic or ev.tasks_file is not None,
+         "eval.every_steps: set eval.synthetic or eval.tasks_file (nothing to evaluate)")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
