@@ -150,7 +150,7 @@ def beam_search(model, input_ids_1T: torch.Tensor, pixel_values_1NCP: torch.Tens
                                   cache=cache)[:, -1]
         else:
             ids = torch.cat([input_ids_1T.expand(len(beams), -1),
-                             torch.tensor([b for b in beams], device=dev, dtype=input_ids_1T.dtype)], dim=1)
+                             torch.tensor(beams, device=dev, dtype=input_ids_1T.dtype)], dim=1)
             m = None if mask is None else torch.cat([mask, row.expand(1, len(beams[0]), -1)], 1).expand(len(beams), -1, -1)
             pv = None if pixel_values_1NCP is None else pixel_values_1NCP.expand(len(beams), *pixel_values_1NCP.shape[1:])
             logits = model.logits(ids, pv, m)[:, -1]

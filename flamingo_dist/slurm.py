@@ -73,11 +73,10 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.previous = {}
 
     def install(self) -> "StopFlag":
         for s in STOP_SIGNALS:
-            self.previous[s] = signal.signal(s, self._handler)
+            signal.signal(s, self._handler)
         return self
 
     def _handler(self, signum, frame) -> None:
@@ -86,11 +85,6 @@ class StopFlag:
     @property
     def raised(self) -> bool:
         return self.signum is not None
-
-    def uninstall(self) -> None:
-        for s, h in self.previous.items():
-            signal.signal(s, h)
-        self.previous = {}
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
@@ -162,14 +156,13 @@ def finish_stop(run_dir: str, rank: int, signal_lead_s: float, max_timeout_reque
 
 
 class TrainTask:
-    """What submitit runs in each task: SLURM env -> torch env, then the training entry point.
-    (Picklable and importable from the package, so the job can load it.)"""
+    """What submitit runs in each task: the training entry point (which takes rank and world
+    from SLURM, as under srun). Picklable and importable from the package, so the job loads it."""
 
     def __init__(self, argv: list[str]):
         self.argv = list(argv)
 
     def __call__(self) -> int:
-        export_torch_env()
         from flamingo_dist import train
 
         code = train.main(self.argv)

@@ -54,6 +54,7 @@ class Trainer:
         self._fault = self._parse_fault(os.environ.get(FAULT_NAN_ENV))
         self.stop_flag = None  # a flamingo_dist.slurm.StopFlag: stop (saving) at the next step boundary
         self.stopped = False  # training ended early on a stop signal, after a committed checkpoint
+        self._eval_tasks: dict | None = None  # the evaluation sets, read at the first evaluation
 
     @staticmethod
     def _parse_fault(spec: str | None) -> tuple[range, int] | None:
@@ -163,7 +164,7 @@ class Trainer:
         from flamingo_dist.eval import tasks as eval_tasks
 
         ev, lay, run_dir = self.cfg.eval, self.layout, self.cfg.tracking.run_dir
-        if getattr(self, "_eval_tasks", None) is None:
+        if self._eval_tasks is None:
             suite = {}
             if ev.synthetic:
                 where = os.path.join(run_dir, "eval_tasks")

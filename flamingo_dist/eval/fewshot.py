@@ -148,9 +148,11 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
         feats = {"support": rices_features(model, prompter, support, feature_cache),
                  "query": rices_features(model, prompter, queries, feature_cache)}
     preds: dict = {}
-    if kind == "classification":
+    if kind == "classification":  # continuations to rank: every class name, or yes/no
         classes = sorted({e.answers[0] for e in queries + support})
-        class_ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in classes]
+        choices = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in classes]
+    elif kind == "hateful_memes":
+        choices = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in ("yes", "no")]
     for qi in range(dp_rank, len(queries), dp_size):
         q = queries[qi]
         rng = random.Random(f"{seed}/{q.id}")  # the same demonstrations whatever the layout
@@ -158,11 +160,10 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
         demos = choose_demos(n_demos, method, rng, support, query_feat, feats.get("support"), exclude=q.id)
         ids, pixels, mask = prompter.inputs(kind, [(d, demo_answer(kind, d, rng)) for d in demos], q, with_images)
         if kind == "classification":  # rank every class name by log-likelihood after the cached prompt
-            scores = continuation_logprobs(model, ids, pixels, mask, class_ids, use_cache=use_cache)
+            scores = continuation_logprobs(model, ids, pixels, mask, choices, use_cache=use_cache)
             preds[q.id] = classes[max(range(len(classes)), key=scores.__getitem__)]
         elif kind == "hateful_memes":
-            yes, no = (tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in ("yes", "no"))
-            ly, ln = continuation_logprobs(model, ids, pixels, mask, [yes, no], use_cache=use_cache)
+            ly, ln = continuation_logprobs(model, ids, pixels, mask, choices, use_cache=use_cache)
             preds[q.id] = (torch.tensor([ly, ln]).softmax(0)[0].item(), q.label)
         else:
             new = beam_search(model, ids, pixels, mask, max_new_tokens, num_beams=num_beams,
