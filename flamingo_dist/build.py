@@ -52,7 +52,8 @@ def build_model(cfg: ModelConfig, tp_group: dist.ProcessGroup, seed: int,
     else:
         vision = build_vision_encoder(cfg.vision.model_name, cfg.vision.pretrained, cfg.vision.activation).to(dtype)
     r = cfg.resampler
-    resampler = PerceiverResampler(vision.width, r.depth, r.num_heads, r.head_dim, r.num_latents, r.qk_layer_norms)
+    resampler = PerceiverResampler(vision.width, r.depth, r.num_heads, r.head_dim, r.num_latents, r.qk_layer_norms,
+                                   r.max_frames)
     lm = TPLlama(cfg.lm, tp_group, dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -24,8 +24,9 @@ DeepSpeed's own `ds_to_universal` into `universal/` beside it (one fp32 tensor, 
 exp_avg_sq per parameter, TP shards merged by the patterns every save records in
 `universal_checkpoint_info`: row-parallel weights along dim 1, column-parallel along dim 0,
 the rest replicated), and every rank loads its new slice from it. The frozen LM simply reloads
-at the new TP size. The data position is the number of documents consumed globally, which means
-the same thing in every layout (see data/pipeline.py); RNG states come from rank 0's file.
+at the new TP size. The data position (micro-batch slots consumed and every data stream's state,
+see data/pipeline.py) means the same thing in every layout where data-parallel size x loader
+workers divides the stream count; other layouts are refused. RNG states come from rank 0's file.
 """
 
 from __future__ import annotations
@@ -181,10 +182,11 @@ def save(trainer, root: str) -> str:
     dist.barrier()
     trainer.engine.save_checkpoint(path, tag="ds", save_latest=False, exclude_frozen_parameters=True)
     torch.save({"rng": rng_state()}, os.path.join(path, f"rank{lay.rank}.pt"))
+    data_state = trainer.feed.state_dict()  # collective: every stream's position, from its owner
     if lay.rank == 0:
         with open(os.path.join(path, "trainer.json"), "w") as f:
             json.dump({**dataclasses.asdict(trainer.state), "run_id": trainer.run_id,
-                       "documents_consumed": trainer.documents_consumed(),
+                       "data": data_state,
                        "tp_size": lay.tp_size, "dp_size": lay.dp_size, "world_size": lay.world_size}, f, indent=1)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"job": dataclasses.asdict(trainer.cfg), "deepspeed": trainer.ds_config}, f, indent=1)
@@ -328,9 +330,12 @@ def load(trainer, path: str) -> None:
     with open(os.path.join(path, "trainer.json")) as f:
         meta = json.load(f)
     same_layout = (meta["tp_size"], meta["dp_size"]) == (lay.tp_size, lay.dp_size)
-    if "documents_consumed" not in meta:
-        raise CheckpointError(f"{path}: written by an older flamingo_dist that kept no global data position, so "
-                              "it cannot be resumed exactly; export it (tools/export_idefics.py) instead")
+    if "data" not in meta:
+        raise CheckpointError(f"{path}: written by an older flamingo_dist that kept no per-stream data position, "
+                              "so it cannot be resumed exactly; export it (tools/export_idefics.py) instead")
+    from flamingo_dist.data.feed import resolve_streams
+
+    resolve_streams(trainer.cfg, lay.dp_size, meta["data"])  # a layout that cannot continue the data: refuse now
     problems = []
     if lay.rank == 0:  # hashing (cached) on one rank; everyone learns the verdict
         with open(os.path.join(path, "base_model.json")) as f:
@@ -343,7 +348,7 @@ def load(trainer, path: str) -> None:
     _load_engine(trainer, path, meta, trainer.log)
     own = torch.load(os.path.join(path, f"rank{lay.rank if same_layout else 0}.pt"), weights_only=False)
     set_rng_state(own["rng"])
-    trainer.data_start = meta["documents_consumed"]
+    trainer.saved_data = meta["data"]
     fields = {f.name for f in dataclasses.fields(trainer.state)}
     for k, v in meta.items():
         if k in fields:

@@ -86,6 +86,11 @@ class ResamplerConfig:
     """Width of each head."""
     qk_layer_norms: bool = False
     """LayerNorm on queries and keys per head."""
+    max_frames: int = 0
+    """Video: learned per-frame time embeddings for up to this many frames (Flamingo's video
+    input: the frames of one video are encoded separately, get their time embedding and are
+    resampled together into one set of latents). 0 = images only; a model with time embeddings
+    cannot be exported to IDEFICS."""
 
 
 @dataclass
@@ -173,12 +178,44 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
-    """The training data (the debug synthetic interleaved corpus for now)."""
+class SourceConfig:
+    """One training data source, an entry of `data.sources` (see flamingo_dist/data/formats.py
+    for the shard formats)."""
 
+    name: str = ""
+    """Name in logs and metrics (loss/<name>, data/<name>/...); unique."""
+    format: str = "obelics"
+    """Shard format: obelics (interleaved texts/images lists), mmc4 (MMC4 documents),
+    pairs (img2dataset image + caption), video (frames + caption)."""
+    shards: str = ""
+    """Webdataset shard pattern (brace notation), glob, or directory of .tar files."""
+    val_shards: Optional[str] = None
+    """Held-out shards of this source, evaluated every data.val_every_steps steps."""
+    weight: float = 1.0
+    """Loss weight lambda: the step's objective is sum over sources of weight x the source's mean
+    token loss (the paper: M3W 1.0, ALIGN 0.2, LTIP 0.2, VTP 0.03)."""
+    micro_batch_size: int = 0
+    """Sequences per micro-batch of this source; 0 = train.micro_batch_size."""
+    min_sim: float = 0.24
+    """mmc4: images whose matched_sim is below this are dropped."""
+    image_after_text_p: float = 0.5
+    """mmc4: probability that an image goes after the sentence it matched instead of before it."""
+
+
+@dataclass
+class DataConfig:
+    """The training data: sources of webdataset shards, mixed in every step (or the synthetic
+    debug corpus), and how documents become sequences."""
+
+    sources: list = field(default_factory=list)
+    """Data sources, each a mapping with the fields of `data.sources[]` below. Every optimizer
+    step takes train.grad_accum_steps micro-batches of every source. Empty: one obelics source
+    named `main` from data.shards (or the synthetic corpus)."""
     shards: Optional[str] = None
-    """Webdataset shard pattern (brace notation) or directory of .tar files; unset means the
-    synthetic corpus in `synthetic_dir`, generated when missing."""
+    """Shorthand for one obelics source: webdataset shard pattern (brace notation) or directory of
+    .tar files; unset (and no sources) means the synthetic corpus in `synthetic_dir`."""
+    val_shards: Optional[str] = None
+    """Held-out shards for the shorthand source (or the synthetic corpus)."""
     synthetic_dir: str = "data/synthetic"
     """Where the synthetic corpus lives (relative paths are from the working directory)."""
     synthetic_num_docs: int = 256
@@ -187,13 +224,41 @@ class DataConfig:
     """Tokenizer directory; defaults to lm.path, or for a random LM to the synthetic corpus's
     bundled tokenizer."""
     seq_len: int = 64
-    """Tokens per training sequence."""
+    """Tokens per training sequence (the paper: 256)."""
     max_images: int = 3
-    """Images per sequence (extra images and their text are dropped)."""
+    """Media (images or videos) per sequence (the paper: 5); further media of a document are
+    dropped with the text before the next one."""
     image_size: int = 32
     """Square side the images are resized to; must match the vision encoder."""
+    frames_per_video: int = 8
+    """Frames taken, evenly spread, from each video (video sources)."""
+    pack: bool = True
+    """Pack several short documents into one sequence (until its tokens or media run out)."""
+    per_document_attention: bool = True
+    """Packed documents attend only to themselves and their positions restart at 0; false trains
+    exactly as IDEFICS' processor packs (one causal stream; images still reset at every EOS)."""
+    streams: int = 0
+    """Streams each source's shards are split into (see flamingo_dist/data/pipeline.py); must be a
+    multiple of data-parallel size x max(1, num_workers), also after a resume at another layout.
+    0 = that product at the first start (a resume keeps the checkpoint's number)."""
     num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank and source."""
+    max_image_bytes: int = 33554432
+    """Encoded images larger than this are skipped (reason image_too_large)."""
+    max_image_pixels: int = 67108864
+    """Images with more pixels than this are skipped before decoding (image_too_large)."""
+    jpeg_draft: bool = True
+    """Decode JPEGs at a reduced scale (libjpeg's draft mode) when that still gives at least
+    image_size pixels per side: much faster for web images."""
+    max_skip_rate: float = 0.2
+    """Stop the run (naming the shard) when more than this fraction of a shard's samples were
+    bad, counted once the shard gave skip_rate_min_samples samples."""
+    skip_rate_min_samples: int = 100
+    """Samples of a shard read before its skip rate is judged."""
+    val_every_steps: int = 0
+    """Validation loss per source on its val_shards every this many steps; 0 disables."""
+    val_batches: int = 4
+    """Micro-batches per source and data-parallel rank in each validation (the same ones every time)."""
 
 
 @dataclass

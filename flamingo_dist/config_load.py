@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import yaml
 
-from flamingo_dist.config import ConfigError, JobConfig
+from flamingo_dist.config import ConfigError, JobConfig, SourceConfig
 
 
 def _merge(obj: Any, values: dict, prefix: str, errors: list[str]) -> None:
@@ -114,6 +114,51 @@ def _check_types(obj: Any, prefix: str, errors: list[str]) -> None:
             errors.append(f"{path}: expected {type(default).__name__}, got {value!r}")
 
 
+def source_configs(cfg: JobConfig, errors: Optional[list[str]] = None) -> list[SourceConfig]:
+    """data.sources as SourceConfig objects (defaults filled in); with no sources, the one obelics
+    source `main` of data.shards. Problems go to `errors` (or raise ConfigError)."""
+    from flamingo_dist.data.formats import FORMATS
+
+    d, own = cfg.data, errors is None
+    errors = [] if own else errors
+    out: list[SourceConfig] = []
+    entries = d.sources or [{"name": "main", "format": "obelics", "shards": d.shards or "", "val_shards": d.val_shards}]
+    if d.sources and (d.shards is not None or d.val_shards is not None):
+        errors.append("data.shards / data.val_shards: only without data.sources (give each source its shards)")
+    for i, entry in enumerate(entries):
+        where = f"data.sources[{i}]"
+        if not isinstance(entry, dict):
+            errors.append(f"{where}: expected a mapping, got {entry!r}")
+            continue
+        src = SourceConfig()
+        _merge(src, entry, where + ".", errors)
+        _check_types(src, where + ".", errors)
+        if src.micro_batch_size == 0:
+            src.micro_batch_size = cfg.train.micro_batch_size
+        if not src.name:
+            errors.append(f"{where}.name: required")
+        if src.format not in FORMATS:
+            errors.append(f"{where}.format: {src.format!r} is not one of {', '.join(FORMATS)}")
+        if d.sources and not src.shards:
+            errors.append(f"{where}.shards: required")
+        if not (isinstance(src.weight, (int, float)) and src.weight > 0):
+            errors.append(f"{where}.weight: must be positive")
+        if isinstance(src.micro_batch_size, int) and src.micro_batch_size < 1:
+            errors.append(f"{where}.micro_batch_size: must be >= 1 (or 0 for train.micro_batch_size)")
+        if not (isinstance(src.image_after_text_p, (int, float)) and 0 <= src.image_after_text_p <= 1):
+            errors.append(f"{where}.image_after_text_p: must be in [0, 1]")
+        if src.format == "video" and cfg.model.resampler.max_frames < d.frames_per_video:
+            errors.append(f"{where}: a video source needs model.resampler.max_frames >= data.frames_per_video "
+                          f"({cfg.model.resampler.max_frames} < {d.frames_per_video})")
+        out.append(src)
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        errors.append(f"data.sources: names must be unique ({names})")
+    if own and errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return out
+
+
 def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Optional[int] = None) -> None:
     """Check every field and their relations; raise one ConfigError listing all problems."""
     errors = list(errors or [])
@@ -199,6 +244,22 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
          f"data.seq_len ({d.seq_len}) exceeds model.lm.max_position_embeddings ({lm.max_position_embeddings})")
     need(d.max_images >= 1, "data.max_images: must be >= 1")
     need(d.num_workers >= 0, "data.num_workers: must be >= 0")
+    need(d.streams >= 0, "data.streams: must be >= 0")
+    if world_size is not None and tp >= 1 and d.streams > 0:
+        dp = world_size // tp
+        need(d.streams % (dp * max(1, d.num_workers)) == 0,
+             f"data.streams ({d.streams}) must be a multiple of data-parallel size x loader workers "
+             f"({dp} x {max(1, d.num_workers)})")
+    need(d.frames_per_video >= 1, "data.frames_per_video: must be >= 1")
+    need(d.max_image_bytes > 0 and d.max_image_pixels > 0, "data.max_image_bytes, data.max_image_pixels: must be > 0")
+    need(0 <= d.max_skip_rate <= 1, "data.max_skip_rate: must be in [0, 1]")
+    need(d.skip_rate_min_samples >= 1, "data.skip_rate_min_samples: must be >= 1")
+    need(d.val_every_steps >= 0, "data.val_every_steps: must be >= 0")
+    need(d.val_batches >= 1, "data.val_batches: must be >= 1")
+    need(r.max_frames >= 0, "model.resampler.max_frames: must be >= 0")
+    sources = source_configs(cfg, errors)
+    need(d.val_every_steps == 0 or any(s.val_shards for s in sources) or (not d.sources and d.shards is None),
+         "data.val_every_steps: no source has val_shards")
     need(d.synthetic_num_docs >= 1, "data.synthetic_num_docs: must be >= 1")
     if d.tokenizer is not None and not os.path.isdir(d.tokenizer):
         errors.append(f"data.tokenizer: {d.tokenizer} is not a directory")

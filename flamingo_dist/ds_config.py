@@ -45,11 +45,14 @@ def resolve_ds_config(path_or_dict: str | dict, cfg: JobConfig, dp_size: int) ->
         except json.JSONDecodeError as e:
             raise ConfigError(f"--deepspeed {path_or_dict}: not valid JSON ({e})") from e
         where = path_or_dict
+    from flamingo_dist.config_load import source_configs
+
     t = cfg.train
+    gas = t.grad_accum_steps * len(source_configs(cfg))  # one DeepSpeed micro-step per source micro-batch
     ours = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": t.micro_batch_size * gas * dp_size,
         "gradient_clipping": t.grad_clip,
         "bf16.enabled": t.precision == "bf16",
         "optimizer.params.lr": t.lr,
@@ -58,8 +61,8 @@ def resolve_ds_config(path_or_dict: str | dict, cfg: JobConfig, dp_size: int) ->
         "optimizer.params.weight_decay": t.weight_decay,
     }
     source = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",
-              "gradient_accumulation_steps": "train.grad_accum_steps",
-              "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x data-parallel size",
+              "gradient_accumulation_steps": "train.grad_accum_steps x number of data sources",
+              "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x sources x data-parallel size",
               "gradient_clipping": "train.grad_clip", "bf16.enabled": "train.precision",
               "optimizer.params.lr": "train.lr", "optimizer.params.betas": "train.betas",
               "optimizer.params.eps": "train.eps", "optimizer.params.weight_decay": "train.weight_decay"}

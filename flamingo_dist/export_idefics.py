@@ -37,6 +37,9 @@ def check_exportable(cfg: ModelConfig, visual) -> None:
     if xattn_layer_indices(cfg) != expected:
         reasons.append(f"cross-attention placement {x.placement!r} (layers {xattn_layer_indices(cfg)}): IDEFICS "
                        f"places a block before layer i when i % interval == 0 ({expected})")
+    if cfg.resampler.max_frames:
+        reasons.append(f"video time embeddings (model.resampler.max_frames = {cfg.resampler.max_frames}): IDEFICS' "
+                       "resampler has none (its inputs are single images)")
     block = visual.transformer.resblocks[0]
     if getattr(visual, "attn_pool", None) is not None:
         reasons.append("the vision tower has attentional pooling: not a plain ViT")
@@ -151,7 +154,7 @@ def export_idefics(model, cfg: ModelConfig, out_dir: str, tokenizer=None, dtype:
     tokenizer, `IdeficsProcessor.from_pretrained`) loads. Loading into the HF model is strict."""
     from transformers import IdeficsForVisionText2Text, IdeficsImageProcessor, IdeficsProcessor
 
-    from flamingo_dist.data.pipeline import CLIP_MEAN, CLIP_STD
+    from flamingo_dist.data.processing import CLIP_MEAN, CLIP_STD
 
     visual = model.vision.visual
     check_exportable(cfg, visual)

@@ -49,8 +49,9 @@ class Trainer:
         self.ds_config_path = ds_config_path
         self.tracker = None
         self.run_id: str | None = None  # the MLflow run, kept across resumes
-        self.data_start = 0  # global documents consumed before this process's loader began
-        self.batches_drawn = 0  # micro-batches this process took from its loader
+        self.saved_data: dict | None = None  # the data position of the checkpoint resumed from
+        self.feed = None  # flamingo_dist.data.feed.DataFeed: batches of every source
+        self._val_batches: dict | None = None  # validation micro-batches per source, drawn once
         self._fault = self._parse_fault(os.environ.get(FAULT_NAN_ENV))
         self.stop_flag = None  # a flamingo_dist.slurm.StopFlag: stop (saving) at the next step boundary
         self.stopped = False  # training ended early on a stop signal, after a committed checkpoint
@@ -67,7 +68,7 @@ class Trainer:
     # ---------------------------------------------------------------- build
     def build(self, track: bool = True) -> "Trainer":
         from flamingo_dist.build import build_model, resolve_model_config
-        from flamingo_dist.data.pipeline import build_dataloader
+        from flamingo_dist.data.feed import DataFeed
         from flamingo_dist.ds_config import resolve_ds_config
         from flamingo_dist.hf_llama import load_tokenizer
         from flamingo_dist.parallel import MegatronMPU, dp_group, tp_group
@@ -77,7 +78,7 @@ class Trainer:
         for note in resolve_model_config(cfg.model):
             self.log(note)
         ds_config = self.ds_config = resolve_ds_config(self.ds_config_path, cfg, lay.dp_size)
-        shards, tok_dir = self._data_paths()
+        self.sources, self.val_shards, tok_dir = self._data_sources()
         self.tokenizer = load_tokenizer(tok_dir, cfg.model.lm.vocab_size)
         self.model = build_model(cfg.model, tp_group(), cfg.train.seed, _dtype(cfg))
         if self.model.vision.image_size != cfg.data.image_size:
@@ -107,11 +108,13 @@ class Trainer:
                 dist.barrier()
                 self.log(f"warning: {root} held committed checkpoints but this run starts fresh (pass --resume auto "
                          f"to continue from them); moved them to {aside}")
-        d = cfg.data  # the loader starts at the data position the resume restored
-        self.loader = build_dataloader(shards, self.tokenizer, d.seq_len, d.max_images, d.image_size,
-                                       cfg.train.micro_batch_size, lay.dp_rank, lay.dp_size, cfg.train.seed,
-                                       d.num_workers, start=self.data_start)
-        self.batches = iter(self.loader)
+        # the loaders start at the data position the resume restored
+        self.feed = DataFeed(cfg, self.sources, self.tokenizer, lay.dp_rank, lay.dp_size, self.dp_group, self.device,
+                             self.saved_data)
+        described = [f"{s.name} ({s.format}, {len(s.shards)} shards, weight {s.weight:g}, micro-batch "
+                     f"{s.micro_batch_size})" for s in self.sources]
+        self.log(f"data: {', '.join(described)}; {self.feed.num_streams} streams per source, "
+                 f"from slot {self.feed.start}")
         if track:
             from flamingo_dist.tracking import Tracker
 
@@ -129,11 +132,6 @@ class Trainer:
             return
         checkpoint.load(self, path)
         self.log(f"resumed from {path} at step {self.state.step}")
-
-    def documents_consumed(self) -> int:
-        """The data position: documents consumed globally, the same on every rank (every rank
-        draws the same number of micro-batches) and meaningful at any layout."""
-        return self.data_start + self.batches_drawn * self.cfg.train.micro_batch_size * self.layout.dp_size
 
     def save_checkpoint(self) -> str:
         from flamingo_dist import checkpoint
@@ -198,6 +196,35 @@ class Trainer:
         self.log(f"eval at step {step} ({time.time() - t0:.1f}s): {summary}")
         return results
 
+    def validate(self) -> dict[str, float]:
+        """Collective: validation loss of every source that has held-out shards (the same
+        micro-batches every time), val/loss/<source> and their weighted sum val/loss."""
+        if self._val_batches is None:
+            self._val_batches = {src.name: self.feed.validation_batches(src, self.val_shards[src.name])
+                                 for src in self.sources if src.name in self.val_shards}
+        with_val = [src for src in self.sources if src.name in self._val_batches]
+        sums = torch.zeros(len(with_val), 2, dtype=torch.float64, device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for i, src in enumerate(with_val):
+                    for batch in self._val_batches[src.name]:
+                        tokens = labelled_tokens(batch["labels"])
+                        loss, _ = self._forward(batch)
+                        sums[i] += torch.tensor([loss.item() * tokens, float(tokens)], dtype=torch.float64,
+                                                device=self.device)
+        finally:
+            self.model.train(was_training)
+            self.model.vision.eval()
+        if self.dp_group is not None and self.layout.dp_size > 1:
+            dist.all_reduce(sums, group=self.dp_group)
+        losses = (sums[:, 0] / sums[:, 1].clamp(min=1.0)).tolist()
+        out = {f"val/loss/{src.name}": v for src, v in zip(with_val, losses)}
+        out["val/loss"] = sum(src.weight * v for src, v in zip(with_val, losses))
+        self.log(f"validation at step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+        return out
+
     def _stop_requested(self) -> bool:
         """Collective: did a stop signal reach any rank? (One all-reduce per step.)"""
         if self.stop_flag is None:
@@ -206,28 +233,33 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
-    def _data_paths(self) -> tuple[list[str], str]:
-        from flamingo_dist.data.pipeline import list_shards
+    def _data_sources(self):
+        """(training sources, validation shards per source, tokenizer directory); the synthetic
+        corpus (and its held-out part) is generated when no shards are configured."""
+        from flamingo_dist.data.feed import resolve_sources
         from flamingo_dist.data.synthetic import ensure_corpus
 
         d, lay = self.cfg.data, self.layout
-        if d.shards is not None:
+        if d.sources or d.shards is not None:
             tok_dir = d.tokenizer or self.cfg.model.lm.path or self.cfg.model.init_from
             if tok_dir is None:
-                raise ValueError("data.tokenizer: needed when data.shards is set and no checkpoint is given")
-            return list_shards(d.shards), tok_dir
+                raise ValueError("data.tokenizer: needed when data shards are given and no checkpoint is")
+            return (*resolve_sources(self.cfg), tok_dir)
         if self.cfg.model.lm.path or self.cfg.model.init_from:
             raise ValueError("data.shards: the synthetic corpus is only for random LMs; with a checkpoint "
                              "give data.shards (its word tokenizer cannot stand in for the checkpoint's)")
         vocab = self.cfg.model.lm.vocab_size
+        val_dir = os.path.join(d.synthetic_dir, "val") if d.val_every_steps else None
         # Rank 0 writes first; then the first rank of every other host, only if its directory is
         # node-local (on a shared filesystem it finds rank 0's complete corpus): never two writers.
         for writers in (lay.rank == 0, lay.local_rank == 0 and lay.rank != 0):
             if writers:
                 ensure_corpus(d.synthetic_dir, d.synthetic_num_docs, seed=0, side=d.image_size, vocab_size=vocab)
+                if val_dir:
+                    ensure_corpus(val_dir, 32, seed=1, side=d.image_size, vocab_size=vocab, docs_per_shard=16)
             dist.barrier()
         tok_dir = d.tokenizer or self.cfg.model.lm.path or os.path.join(d.synthetic_dir, "tokenizer")
-        return list_shards(d.synthetic_dir), tok_dir
+        return (*resolve_sources(self.cfg, d.synthetic_dir, val_dir), tok_dir)
 
     def log(self, msg: str) -> None:
         if self.layout.rank == 0:
@@ -244,8 +276,14 @@ class Trainer:
             while self.state.step < t.steps:
                 metrics = self.train_step()
                 progress.update(self.state.step, metrics)
+                if self.cfg.data.val_every_steps and self.state.step % self.cfg.data.val_every_steps == 0:
+                    val = self.validate()
+                    self._write_metrics(val)
+                    if self.tracker is not None:
+                        self.tracker.log_metrics(val, self.state.step)
                 if self.state.step % t.log_every == 0:
                     metrics.update(self.gate_values())  # a collective under ZeRO-3: same steps on all ranks
+                    metrics.update(self.feed.counters())
                     self._write_metrics(metrics)
                     if self.tracker is not None:
                         self.tracker.log_metrics(metrics, self.state.step)
@@ -279,51 +317,70 @@ class Trainer:
             with open(os.path.join(self.cfg.tracking.run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": self.state.step, **metrics}) + "\n")
 
-    def _next_batch(self) -> dict:
-        batch = next(self.batches)
-        self.batches_drawn += 1
-        return batch
+    def _forward(self, batch: dict):
+        """(mean token loss, stats) of one micro-batch on the device."""
+        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return self.engine(b["input_ids"], b["pixel_values"], b["image_attention_mask"], position_ids_BT=b["position_ids"],
+                           labels_BT=b["labels"], z_loss=self.cfg.train.z_loss, document_ids_BT=b.get("document_ids"))
+
+    def _check_data_error(self, flag: float) -> None:
+        """Collective when any rank's data reported an error (a shard over the skip-rate limit):
+        every rank stops with the first rank's message."""
+        if flag <= 0:
+            return
+        messages: list = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, self.feed.error)
+        raise TrainingStopped(next(m for m in messages if m))
 
     def train_step(self) -> dict:
-        """One optimizer step over grad_accum_steps micro-batches."""
-        t, eng = self.cfg.train, self.engine
+        """One optimizer step: grad_accum_steps micro-batches of every source.
+
+        The objective is sum_s weight_s * L_s, L_s being source s's mean token loss over the whole
+        global batch. The step's labelled tokens per source over all micro-batches and
+        data-parallel ranks are summed before the first backward, each micro-batch's mean loss is
+        weighted by weight_s * its share of them, and DeepSpeed's 1/accumulation and 1/dp
+        averaging is undone, so the gradient and the logged loss are the same in every layout
+        (DP x accumulation) with the same global batch."""
+        t, eng, lay = self.cfg.train, self.engine, self.layout
         step = self.state.step + 1
         t0 = time.time()
         lr = eng.get_lr()[0]  # the rate this step uses (the scheduler moves after an applied step)
-        # Token-weighted sums over micro-batches (and below, data-parallel ranks), so layouts with
-        # the same global batch log the same loss: loss*tokens, tokens, images, non-finite flags.
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # on device: nccl needs it
-        # The step's labelled tokens over all micro-batches and data-parallel ranks, known before
-        # the first backward: each micro-batch's mean loss is weighted by its share of them, and
-        # DeepSpeed's 1/accumulation and 1/dp averaging undone, so the gradient is the token mean
-        # of the whole global batch in every layout (DP x accumulation) with the same global batch.
-        batches = [self._next_batch() for _ in range(t.grad_accum_steps)]
-        counts = [labelled_tokens(b["labels"]) for b in batches]
-        step_tokens = torch.tensor([float(sum(counts))], device=self.device)
-        if self.dp_group is not None and self.layout.dp_size > 1:
-            dist.all_reduce(step_tokens, group=self.dp_group)
-        scale = self.layout.dp_size * t.grad_accum_steps / max(1.0, step_tokens.item())
-        for batch, tokens in zip(batches, counts):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            loss, stats = eng(batch["input_ids"], batch["pixel_values"], batch["image_attention_mask"],
-                              labels_BT=batch["labels"], z_loss=t.z_loss)
-            if self._fault is not None and step in self._fault[0] and self.layout.rank == self._fault[1]:
+        batches = self.feed.step_batches(t.grad_accum_steps)
+        n = len(self.sources)
+        index = {src.name: i for i, src in enumerate(self.sources)}
+        counts = [labelled_tokens(b["labels"]) for _, b in batches]
+        totals = torch.zeros(n + 1, dtype=torch.float64, device=self.device)  # tokens per source, data error
+        for (src, _), c in zip(batches, counts):
+            totals[index[src.name]] += c
+        totals[n] = 1.0 if self.feed.error else 0.0
+        if self.dp_group is not None and lay.dp_size > 1:
+            dist.all_reduce(totals, group=self.dp_group)
+        self._check_data_error(totals[n].item())
+        gas = t.grad_accum_steps * n  # DeepSpeed's accumulation: one micro-step per source micro-batch
+        # per source: loss*tokens, tokens, images, documents; then one non-finite flag
+        sums = torch.zeros(4 * n + 1, dtype=torch.float64, device=self.device)  # on device: nccl needs it
+        for (src, batch), tokens in zip(batches, counts):
+            i = index[src.name]
+            loss, stats = self._forward(batch)
+            if self._fault is not None and step in self._fault[0] and lay.rank == self._fault[1]:
                 loss = loss * float("nan")
             # One collective per micro-batch: is the loss finite on every rank?
             bad_flag = (~torch.isfinite(loss.detach())).float().reshape(1)
             dist.all_reduce(bad_flag)
             bad = bad_flag.item() > 0
-            eng.backward(loss * (tokens * scale))
+            eng.backward(loss * (src.weight * tokens * lay.dp_size * gas / max(1.0, totals[i].item())))
             eng.step()
-            sums += torch.tensor([0.0 if bad else loss.item() * tokens, float(tokens),
-                                  batch["num_images"].sum().item(), float(bad)], dtype=torch.float64,
-                                 device=self.device)
+            sums[4 * i: 4 * i + 4] += torch.tensor(
+                [0.0 if bad else loss.item() * tokens, float(tokens), batch["num_images"].sum().item(),
+                 batch["num_documents"].sum().item()], dtype=torch.float64, device=self.device)
+            sums[4 * n] += float(bad)
         applied = eng.was_step_applied()
-        non_finite_loss = sums[3].item() > 0
+        non_finite_loss = sums[4 * n].item() > 0
         if non_finite_loss and applied:
             raise RuntimeError("internal: DeepSpeed applied an optimizer step whose loss was not finite")
-        if self.dp_group is not None and self.layout.dp_size > 1:
+        if self.dp_group is not None and lay.dp_size > 1:
             dist.all_reduce(sums, group=self.dp_group)
+        per = sums[: 4 * n].view(n, 4)
         elapsed = time.time() - t0
         self.state.step = step
         if applied:
@@ -333,18 +390,26 @@ class Trainer:
             self.state.consecutive_skipped += 1
             self.log(f"step {step}: non-finite {'loss' if non_finite_loss else 'gradient norm'} on some rank; "
                      f"step skipped on all ranks ({self.state.skipped_steps} so far)")
-        self.state.tokens_seen += int(sums[1].item())
+        self.state.tokens_seen += int(per[:, 1].sum().item())
         grad_norm = eng.get_global_grad_norm()
+        source_loss = per[:, 0] / per[:, 1].clamp(min=1.0)
+        weights = torch.tensor([src.weight for src in self.sources], dtype=torch.float64, device=self.device)
         metrics = {
-            "loss": sums[0].item() / max(1.0, sums[1].item()) if not non_finite_loss else float("nan"),
+            "loss": (weights * source_loss).sum().item() if not non_finite_loss else float("nan"),
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None and applied else float("nan"),
-            "tokens_per_s": sums[1].item() / elapsed,
-            "images_per_s": sums[2].item() / elapsed,
+            "tokens_per_s": per[:, 1].sum().item() / elapsed,
+            "images_per_s": per[:, 2].sum().item() / elapsed,
             "step_time_s": elapsed,
             "skipped_steps": float(self.state.skipped_steps),
             "step_applied": float(applied),
         }
+        if n > 1 or self.sources[0].name != "main":
+            for i, src in enumerate(self.sources):
+                metrics[f"loss/{src.name}"] = source_loss[i].item() if not non_finite_loss else float("nan")
+                metrics[f"tokens_per_s/{src.name}"] = per[i, 1].item() / elapsed
+                metrics[f"images_per_s/{src.name}"] = per[i, 2].item() / elapsed
+                metrics[f"documents_per_s/{src.name}"] = per[i, 3].item() / elapsed
         return metrics
 
     def gate_values(self) -> dict[str, float]:

@@ -135,12 +135,14 @@ def _full_state(trainer) -> dict:
                          "exp_avg": whole(p, safe_get_full_optimizer_state(p, "exp_avg")),
                          "exp_avg_sq": whole(p, safe_get_full_optimizer_state(p, "exp_avg_sq"))}
     return {"params": out, "lr": trainer.engine.get_lr()[0], "step": trainer.state.step,
-            "documents": trainer.documents_consumed()}
+            "slots": trainer.feed.slots()}
 
 
 def _reshard(layout, corpus, run_dir, stage, resume, *sets):
     """Save after 2 steps, then one more step; or resume and take that step in this layout."""
-    trainer = make_trainer(layout, corpus, run_dir, stage, "train.steps=4", "train.precision=fp32", *sets,
+    # 2 data streams: the data of dp 2 and of dp 1 (x 1 loader) continue exactly at the other layout
+    trainer = make_trainer(layout, corpus, run_dir, stage, "train.steps=4", "train.precision=fp32", "data.streams=2",
+                           *sets,
                            *(["checkpoint.resume=auto"] if resume else []))
     if not resume:
         trainer.train_step()
@@ -170,7 +172,7 @@ def test_resume_at_another_layout_restores_weights_and_moments(case, synthetic_c
     after = run_distributed(_reshard, w1, tp1, tmp_path / "b", synthetic_corpus, run, stage, True, *sets1)
     saved, loaded = before[0][0], after[0][0]
     assert loaded["step"] == saved["step"] == 2 and loaded["lr"] == saved["lr"]
-    assert loaded["documents"] == saved["documents"] == 16  # 2 steps x 8 documents
+    assert loaded["slots"] == saved["slots"] == 4  # 2 steps x 2 micro-batches
     assert saved["params"].keys() == loaded["params"].keys()
     for name, tensors in saved["params"].items():
         for kind, t in tensors.items():

@@ -37,14 +37,14 @@ def first_samples(corpus: str, n: int):
 def test_pipeline_layout_and_mask_equal_idefics_processor(synthetic_corpus, tokenizer):
     from PIL import Image
 
-    from flamingo_dist.data.pipeline import InterleavedDataset, list_shards
+    from flamingo_dist.data.formats import parse_obelics
+    from flamingo_dist.data.processing import Processor
 
-    ds = InterleavedDataset(list_shards(synthetic_corpus), tokenizer, seq_len=128, max_images=3, image_size=32,
-                            micro_batch_size=1, dp_rank=0, dp_size=1, seed=0)
+    proc = Processor(tokenizer, seq_len=128, max_images=3, image_size=32)
     processor = idefics_processor(tokenizer)
     checked = 0
     for sample in first_samples(synthetic_corpus, 12):
-        ours = ds.process(sample)
+        ours = proc.sequence([proc.encode(parse_obelics(sample))])
         meta = json.loads(sample["json"])
         prompt = [Image.new("RGB", (32, 32)) if img else text for text, img in zip(meta["texts"], meta["images"])]
         ref = processor(text=[prompt], add_eos_token=True, return_tensors="pt")
@@ -98,35 +98,90 @@ def test_tokenizer_gets_the_two_new_tokens_at_v_and_v_plus_1(tokenizer):
     assert tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<image>"]) == [VOCAB_SIZE, VOCAB_SIZE + 1]
 
 
-def _documents(shards, tokenizer, micro_batch, rank, dp, workers, batches, start=0):
-    """The documents of a rank's first `batches` micro-batches, batch by batch."""
-    from flamingo_dist.data.pipeline import build_dataloader
+# ---------------------------------------------------------------- determinism and exact resume
+def _feed(corpus, dp_rank, dp, workers, saved=None, streams=4):
+    from flamingo_dist.config_load import load_config
+    from flamingo_dist.data.feed import DataFeed, resolve_sources
 
-    it = iter(build_dataloader(shards, tokenizer, 64, 3, 32, micro_batch, rank, dp, seed=5, num_workers=workers,
-                               start=start))
-    return [[tuple(row.tolist()) for row in next(it)["input_ids"]] for _ in range(batches)]
+    cfg = load_config(None, [f"data.shards={corpus}", "data.seq_len=64", "train.micro_batch_size=2",
+                             f"data.num_workers={workers}", f"data.streams={streams}", "train.seed=5"])
+    sources, _ = resolve_sources(cfg)
+    return DataFeed(cfg, sources, _tok(corpus), dp_rank, dp, None, "cpu", saved)
 
 
-def test_data_position_is_one_global_document_count_at_any_layout(synthetic_corpus, tokenizer):
-    from flamingo_dist.data.pipeline import list_shards
+def _tok(corpus):
+    from flamingo_dist.data.synthetic import VOCAB_SIZE
+    from flamingo_dist.hf_llama import load_tokenizer
 
-    shards = list_shards(synthetic_corpus)  # 4 shards of 16 documents
-    stream = [b[0] for b in _documents(shards, tokenizer, 1, 0, 1, 0, 40)]  # one rank, one by one
-    assert len(set(stream)) == len(stream)
-    assert stream == [b[0] for b in _documents(shards, tokenizer, 1, 0, 1, 0, 40)]  # the same every time
-    # 2 ranks x 2 loader workers, micro-batch 2: rank r's j-th batch is global slot 2j + r, so after
-    # k batches on every rank exactly the first 4k documents are consumed (here across a shard boundary)
-    ranks = [_documents(shards, tokenizer, 2, r, 2, 2, 5) for r in range(2)]
+    return load_tokenizer(f"{corpus}/tokenizer", VOCAB_SIZE)
+
+
+def _rows(feed, n):
+    """The next n micro-batches of the feed's one source, each as its rows' token tuples."""
+    src = feed.sources[0]
+    return [[tuple(r.tolist()) for r in feed.next(src)["input_ids"]] for _ in range(n)]
+
+
+def _saved(feeds) -> dict:
+    """What DataFeed.state_dict gathers: each stream's state from the rank that owns it."""
+    merged = {}
+    for f in feeds:
+        merged.update({str(k): v for k, v in f.own_states()["main"].items()})
+    f = feeds[0]
+    from flamingo_dist.data.pipeline import shard_set_digest
+
+    return {"slots": f.slots(), "streams": f.num_streams,
+            "sources": {"main": {"shards": shard_set_digest(f.sources[0].shards), "states": merged}}}
+
+
+@pytest.fixture(scope="module")
+def eight_shards(tmp_path_factory):
+    from flamingo_dist.data.synthetic import write_corpus
+
+    out = tmp_path_factory.mktemp("eight")
+    write_corpus(str(out), num_docs=48, docs_per_shard=6, seed=3)  # 8 shards: 2 per stream
+    return str(out)
+
+
+def test_resumed_stream_equals_the_uninterrupted_one_for_2_ranks_x_2_workers(eight_shards):
+    K, k = 12, 5
+    full = []
     for r in range(2):
-        for j, batch in enumerate(ranks[r]):
-            assert batch == stream[(2 * j + r) * 2:(2 * j + r) * 2 + 2], (r, j)
-    # resuming at document 12 on another layout (1 rank, micro-batch 4, 2 workers) continues the stream
-    resumed = _documents(shards, tokenizer, 4, 0, 1, 2, 5, start=12)
-    assert sum(resumed, []) == stream[12:32]
+        feed = _feed(eight_shards, r, 2, 2)
+        full.append(_rows(feed, K))
+        feed.drawn = K
+        assert all(st["epoch"] >= 1 or st["shard"] >= 1 for st in feed.states["main"].values()), \
+            "the run must cross a shard boundary in every stream"
+    assert full == [_rows(_feed(eight_shards, r, 2, 2), K) for r in range(2)]  # the same every time
+    assert full[0] != full[1]
+    # interrupted after k batches per rank: save what was consumed, resume, continue
+    first = []
+    for r in range(2):
+        first.append(_feed(eight_shards, r, 2, 2))
+        assert _rows(first[r], k) == full[r][:k]
+        first[r].drawn = k
+    saved = _saved(first)
+    assert saved["slots"] == 2 * k
+    for r in range(2):
+        resumed = _feed(eight_shards, r, 2, 2, saved)
+        assert _rows(resumed, K - k) == full[r][k:], f"rank {r} after the resume"
+    # the global slot sequence: rank r's j-th batch is slot 2j + r; one rank with 4 workers resumes it
+    glob = [full[g % 2][g // 2] for g in range(2 * K)]
+    one = _feed(eight_shards, 0, 1, 4, saved)
+    assert _rows(one, 2 * (K - k)) == glob[2 * k:]
 
 
-def test_missing_shards_fail_naming_the_pattern(tmp_path):
-    from flamingo_dist.data.pipeline import list_shards
+def test_a_layout_that_cannot_continue_the_data_exactly_is_refused(eight_shards):
+    from flamingo_dist.data.feed import DataStateError
 
-    with pytest.raises(FileNotFoundError, match="data.shards"):
-        list_shards(str(tmp_path / "nothing-{000..003}.tar"))
+    feeds = [_feed(eight_shards, r, 2, 1) for r in range(2)]
+    for f in feeds:
+        _rows(f, 2)
+        f.drawn = 2
+    saved = _saved(feeds)
+    with pytest.raises(DataStateError, match=r"4 streams.*\(1 x 3\).*data.num_workers in \[1, 2, 4\]"):
+        _feed(eight_shards, 0, 1, 3, saved)
+    with pytest.raises(DataStateError, match="data.streams is 8 but the checkpoint's data was dealt to 4"):
+        _feed(eight_shards, 0, 1, 1, saved, streams=8)
+    with pytest.raises(DataStateError, match="has 8 shards but the data is dealt to 16 streams"):
+        _feed(eight_shards, 0, 2, 1, streams=16)

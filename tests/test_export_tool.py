@@ -54,7 +54,7 @@ def test_exported_checkpoint_gives_the_trained_logits(tp, synthetic_corpus, tmp_
     from PIL import Image
 
     from flamingo_dist.data.layout import document_text, image_attention_mask
-    from flamingo_dist.data.pipeline import image_transform
+    from flamingo_dist.data.processing import image_transform
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (57, 83, 3), dtype=np.uint8)) for _ in range(2)]

@@ -1,154 +1,221 @@
-"""Minimal interleaved-document pipeline: webdataset shards -> IDEFICS token layout -> batches.
+"""Sources -> deterministic, exactly resumable micro-batch streams.
 
-The documents form one global stream (shard order reshuffled per epoch from the seed). It is cut
-into micro-batch slots of micro_batch_size documents, dealt round-robin to the data-parallel
-ranks (TP ranks of one group get the same batches), and a rank's slots round-robin to its loader
-workers in the order the DataLoader asks them. So after k micro-batches on every rank exactly the
-first k * dp_size * micro_batch_size documents are consumed, whatever the number of workers: the
-data position is that one number, `start` resumes there, and it means the same thing at any
-data-parallel size (a resume at another layout continues the same global stream). Documents longer than seq_len are truncated,
-shorter ones padded on the right; documents beyond max_images keep their first max_images images
-and the text before the next one. (Packing, mixtures, exact resume and bad-sample accounting are
-the data issue's.)
+How the data is dealt (one source; every source the same way, independently):
+
+- The source's shards are split among S *streams* (`data.streams`): stream k owns shards k, k+S,
+  k+2S, ... Each stream reads its shards in an order reshuffled every pass from the seed, packs
+  documents into micro-batches, and loops forever (so no rank ever runs dry: every rank gets a
+  batch for every step).
+- Micro-batch *slots* 0, 1, 2, ... of the source form one global sequence; slot g comes from
+  stream g mod S, slots are dealt round-robin to the data-parallel ranks (rank r takes slots
+  r, r+dp, ...), and a rank's slots round-robin to its loader workers (the order in which the
+  DataLoader asks them). This needs dp x workers to divide S: then each worker process owns whole
+  streams, and no two processes ever read the same shard.
+- The data position is the number of slots consumed (the same on every rank) plus each stream's
+  state after its last consumed batch: (pass, shard in that pass's order, sample index in the
+  shard) of the first document not yet in a batch, and its counters. Every batch carries its
+  stream's state; the trainer keeps the latest consumed one per stream and the checkpoint stores
+  them all. Resuming builds each stream at its state (the tar members before the sample are
+  seeked over, not decoded), so the resumed run sees exactly the samples the uninterrupted run
+  would have seen. A resume at another data-parallel size or worker count continues the same
+  global sequence as long as dp x workers still divides S; otherwise it is refused with the
+  numbers (set `data.streams` to a multiple of every layout you plan to use).
+
+Bad samples are skipped and counted per reason (formats.REASONS) in the stream's counters. When a
+shard's skip rate passes `data.max_skip_rate` (after `data.skip_rate_min_samples` samples of that
+shard) the batch carries an error naming the shard, and the trainer stops the run with it.
 """
 
 from __future__ import annotations
 
 import glob
-import io
-import json
+import hashlib
 import os
 import random
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 
-from flamingo_dist.data.layout import FAKE_TOKEN, IMAGE_TOKEN, document_text, image_attention_mask, labels_for
+from flamingo_dist.data.formats import REASONS, BadSample, parse, read_shard
+from flamingo_dist.data.processing import Encoded, Processor
 
-# open_clip / OpenAI CLIP normalisation
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_IMAGE = object()  # an image's place in a document's item list
+COUNTERS = ("samples", "documents", "images_dropped") + tuple(f"skipped/{r}" for r in REASONS)
 
 
-def list_shards(spec: str) -> list[str]:
-    """A directory of .tar files, a glob, or webdataset brace notation -> sorted shard paths."""
+def list_shards(spec: str, what: str = "data.shards") -> list[str]:
+    """A directory of .tar files, a glob, or webdataset brace notation -> sorted shard paths.
+    An explicitly named shard that does not exist, or a pattern matching none, is an error."""
     import braceexpand
 
     if os.path.isdir(spec):
         paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
     else:
-        paths = sorted(p for pat in braceexpand.braceexpand(spec) for p in glob.glob(pat))
+        paths = []
+        for pat in braceexpand.braceexpand(spec):
+            found = sorted(glob.glob(pat))
+            if not found and not glob.has_magic(pat):
+                raise FileNotFoundError(f"{what}: shard {pat} does not exist (from {spec!r})")
+            paths.extend(found)
     if not paths:
-        raise FileNotFoundError(f"data.shards: no .tar shards match {spec!r}")
+        raise FileNotFoundError(f"{what}: no .tar shards match {spec!r}")
     return paths
 
 
-def image_transform(image_size: int):
-    """Squash-resize to a square and CLIP-normalise, with the operations of transformers'
-    `IdeficsImageProcessor` (torchvision backend: bicubic antialiased resize of the uint8 tensor,
-    then rescale and normalise), so an exported processor reproduces our pixels (to float
-    rounding; tests/test_export_tool.py)."""
-    import torchvision.transforms.v2.functional as F
-    from torchvision.transforms import InterpolationMode
-
-    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
-
-    def transform(img) -> torch.Tensor:
-        pixels = F.resize(F.pil_to_tensor(img.convert("RGB")), [image_size, image_size],
-                          interpolation=InterpolationMode.BICUBIC, antialias=True)
-        return (pixels.float() / 255.0 - mean) / std
-
-    return transform
+def shard_set_digest(shards: list[str]) -> str:
+    """Identifies a source's shard list (names, in order) in checkpoints."""
+    return hashlib.sha256("\n".join(os.path.basename(p) for p in shards).encode()).hexdigest()[:16]
 
 
-class InterleavedDataset(torch.utils.data.IterableDataset):
-    """Endless stream of collated micro-batches for one data-parallel rank, from global document
-    `start` on."""
+@dataclass
+class Source:
+    """One data source, resolved: its shard paths and how to read and weigh them."""
 
-    def __init__(self, shards: list[str], tokenizer, seq_len: int, max_images: int, image_size: int,
-                 micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, start: int = 0):
-        self.shards, self.tok = shards, tokenizer
-        self.micro_batch_size, self.start = micro_batch_size, start
-        self.seq_len, self.max_images = seq_len, max_images
-        self.image_size = image_size
-        self.transform = image_transform(image_size)
-        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.fake_id = tokenizer.convert_tokens_to_ids(FAKE_TOKEN)
+    name: str
+    format: str
+    shards: list[str]
+    weight: float = 1.0
+    micro_batch_size: int = 1
+    val_shards: Optional[list[str]] = None
+    min_sim: float = 0.24
+    image_after_text_p: float = 0.5
 
-    def _documents(self, epoch: int) -> Iterator[dict]:
-        import webdataset as wds
 
+def initial_state() -> dict:
+    return {"epoch": 0, "shard": 0, "offset": 0, "shard_samples": 0, "shard_skipped": 0,
+            "counts": {c: 0 for c in COUNTERS}}
+
+
+class Stream:
+    """Stream k of S of one source: its shards, read and packed into micro-batches, from `state`."""
+
+    def __init__(self, source: Source, processor: Processor, k: int, num_streams: int, seed: int,
+                 state: Optional[dict] = None, pack: bool = True, max_skip_rate: float = 1.0,
+                 skip_rate_min_samples: int = 100):
+        self.source, self.proc, self.k, self.seed, self.pack = source, processor, k, seed, pack
+        self.shards = source.shards[k::num_streams]
+        if not self.shards:
+            raise ValueError(f"data source {source.name!r}: stream {k} of {num_streams} has no shard "
+                             f"({len(source.shards)} shards); use fewer data.streams or more shards")
+        self.max_skip_rate, self.min_samples = max_skip_rate, skip_rate_min_samples
+        self.state = _copy(state or initial_state())
+        self.pending: Optional[tuple[dict, Encoded]] = None  # (state before it, document)
+        self.error: Optional[str] = None
+        self.pass_counts: list[dict] = []  # the counters at the end of each pass this object finished
+        self._docs = self._documents()
+
+    def order(self, epoch: int) -> list[str]:
         order = list(self.shards)
-        random.Random(self.seed * 1000 + epoch).shuffle(order)
-        for path in order:
-            for sample in wds.tarfile_samples([{"url": path}]):
-                yield sample
+        random.Random(f"{self.seed}/{self.source.name}/{self.k}/{epoch}").shuffle(order)
+        return order
 
-    def _stream(self) -> Iterator[tuple[int, dict]]:
-        """(global document index, raw sample) over epochs, forever."""
-        index, epoch = 0, 0
+    def _count(self, reason: Optional[str], path: str) -> None:
+        st = self.state
+        st["counts"]["samples"] += 1
+        st["shard_samples"] += 1
+        if reason is not None:
+            st["counts"][f"skipped/{reason}"] += 1
+            st["shard_skipped"] += 1
+        n, bad = st["shard_samples"], st["shard_skipped"]
+        if self.error is None and n >= self.min_samples and bad > self.max_skip_rate * n:
+            self.error = (f"data source {self.source.name!r}: {bad} of the first {n} samples of shard {path} were "
+                          f"bad (over data.max_skip_rate = {self.max_skip_rate}); run tools/check_shards.py on it")
+
+    def _documents(self) -> Iterator[tuple[dict, Encoded]]:
+        """(state before the document, document) forever; bad samples are counted and skipped."""
+        st, src, good_in_pass = self.state, self.source, 0
         while True:
-            for sample in self._documents(epoch):
-                yield index, sample
-                index += 1
-            epoch += 1
-            if index == 0:
-                raise ValueError(f"data: the shards hold no documents ({self.shards[:3]}...)")
+            whole_pass = st["shard"] == 0 and st["offset"] == 0
+            order = self.order(st["epoch"])
+            while st["shard"] < len(order):
+                path = order[st["shard"]]
+                for index, sample in read_shard(path, skip=st["offset"]):
+                    before = _copy(st)
+                    st["offset"] = index + 1
+                    if isinstance(sample, BadSample):
+                        self._count(sample.reason, path)
+                        continue
+                    try:
+                        rng = random.Random(f"{self.seed}/{src.name}/{os.path.basename(path)}/{index}/{st['epoch']}")
+                        doc = parse(src.format, sample, rng, src.min_sim, src.image_after_text_p)
+                        enc = self.proc.encode(doc)
+                    except BadSample as e:
+                        self._count(e.reason, path)
+                        continue
+                    self._count(None, path)
+                    st["counts"]["documents"] += 1
+                    st["counts"]["images_dropped"] += enc.dropped_images
+                    good_in_pass += 1
+                    yield before, enc
+                st["shard"] += 1
+                st["offset"] = st["shard_samples"] = st["shard_skipped"] = 0
+            if good_in_pass == 0 and whole_pass:
+                raise ValueError(f"data source {src.name!r}: a whole pass over stream {self.k}'s shards "
+                                 f"({', '.join(self.shards[:4])}{' ...' if len(self.shards) > 4 else ''}) gave no "
+                                 "usable document; check them with tools/check_shards.py")
+            self.pass_counts.append(dict(st["counts"]))
+            st["epoch"] += 1
+            st["shard"] = 0
+            good_in_pass = 0
+
+    def next_batch(self) -> tuple[dict, dict]:
+        """(collated micro-batch, this stream's state after it)."""
+        rows = []
+        while len(rows) < self.source.micro_batch_size:
+            packed: list[Encoded] = []
+            while True:
+                if self.pending is None:
+                    self.pending = next(self._docs)
+                before, enc = self.pending
+                if not self.proc.fits(packed, enc) or (packed and not self.pack):
+                    break
+                packed.append(enc)
+                self.pending = None
+            rows.append(self.proc.sequence(packed))
+        # the first document not in this batch is where a resume starts reading again
+        state = _copy(self.pending[0]) if self.pending is not None else _copy(self.state)
+        return torch.utils.data.default_collate(rows), state
+
+
+def _copy(state: dict) -> dict:
+    return {**state, "counts": dict(state["counts"])}
+
+
+class SourceDataset(torch.utils.data.IterableDataset):
+    """One data-parallel rank's endless micro-batches of one source (see the module docstring),
+    from global slot `start` on; `states` are the streams' saved states."""
+
+    def __init__(self, source: Source, processor: Processor, num_streams: int, dp_rank: int, dp_size: int,
+                 seed: int, start: int = 0, states: Optional[dict] = None, pack: bool = True,
+                 max_skip_rate: float = 1.0, skip_rate_min_samples: int = 100):
+        self.source, self.proc, self.num_streams = source, processor, num_streams
+        self.dp_rank, self.dp_size, self.seed, self.start = dp_rank, dp_size, seed, start
+        self.states = {int(k): v for k, v in (states or {}).items()}
+        self.pack, self.max_skip_rate, self.min_samples = pack, max_skip_rate, skip_rate_min_samples
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        mb, batch = self.micro_batch_size, []
-        for index, sample in self._stream():
-            if index < self.start:
-                continue
-            slot = (index - self.start) // mb
-            local_batch, owner = divmod(slot, self.dp_size)  # the owner's local_batch-th micro-batch
-            if owner == self.dp_rank and local_batch % nworkers == wid:
-                batch.append(self.process(sample))
-                if len(batch) == mb:
-                    yield torch.utils.data.default_collate(batch)
-                    batch = []
-
-    def process(self, sample: dict) -> dict:
-        from PIL import Image
-
-        meta = json.loads(sample["json"])
-        items, pixels = [], []
-        for text, image in zip(meta["texts"], meta["images"]):
-            if image is not None:
-                if len(pixels) == self.max_images:
-                    break
-                img = Image.open(io.BytesIO(sample[image])).convert("RGB")
-                pixels.append(self.transform(img))
-                items.append(_IMAGE)
-            elif text:
-                items.append(text)
-        text, _ = document_text(items, self.tok.bos_token, self.tok.eos_token)
-        ids = self.tok(text, add_special_tokens=False)["input_ids"][: self.seq_len]
-        n = len(ids)
-        ids = ids + [self.tok.pad_token_id] * (self.seq_len - n)
-        input_ids = torch.tensor(ids)
-        attn = (torch.arange(self.seq_len) < n).long()
-        num_seen = int((input_ids[:n] == self.image_id).sum())  # images that survived truncation
-        pv = torch.zeros(self.max_images, 3, self.image_size, self.image_size)
-        for k in range(min(num_seen, len(pixels))):
-            pv[k] = pixels[k]
-        mask = image_attention_mask(input_ids[None], self.image_id, self.tok.eos_token_id, self.max_images)[0]
-        mask = mask * attn[:, None]
-        return {"input_ids": input_ids, "labels": labels_for(input_ids[None], attn[None], self.image_id, self.fake_id)[0],
-                "attention_mask": attn, "pixel_values": pv, "image_attention_mask": mask,
-                "num_images": torch.tensor(num_seen)}
+        if self.num_streams % (nworkers * self.dp_size):
+            raise ValueError(f"data.streams ({self.num_streams}) must be a multiple of data-parallel size x loader "
+                             f"workers ({self.dp_size} x {nworkers})")
+        streams: dict[int, Stream] = {}
+        j = wid
+        while True:
+            slot = self.start + j * self.dp_size + self.dp_rank
+            k = slot % self.num_streams
+            if k not in streams:
+                streams[k] = Stream(self.source, self.proc, k, self.num_streams, self.seed, self.states.get(k),
+                                    self.pack, self.max_skip_rate, self.min_samples)
+            batch, state = streams[k].next_batch()
+            batch["_data"] = {"stream": k, "state": state, "error": streams[k].error}
+            yield batch
+            j += nworkers
 
 
-def build_dataloader(shards: list[str], tokenizer, seq_len: int, max_images: int, image_size: int,
-                     micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, num_workers: int = 0,
-                     start: int = 0):
-    ds = InterleavedDataset(shards, tokenizer, seq_len, max_images, image_size, micro_batch_size, dp_rank, dp_size,
-                            seed, start)
+def build_loader(dataset: SourceDataset, num_workers: int):
     from flamingo_dist.slurm import ignore_stop_signals
 
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
+                                       prefetch_factor=2 if num_workers > 0 else None)

@@ -115,13 +115,15 @@ def _recipe(num_docs: int, seed: int, side: int, vocab_size: int) -> dict:
     return {"num_docs": num_docs, "seed": seed, "image_size": side, "vocab_size": vocab_size}
 
 
-def ensure_corpus(out_dir: str, num_docs: int, seed: int = 0, side: int = 32, vocab_size: int = VOCAB_SIZE) -> str:
+def ensure_corpus(out_dir: str, num_docs: int, seed: int = 0, side: int = 32, vocab_size: int = VOCAB_SIZE,
+                  docs_per_shard: int = 16) -> str:
     """Generate the corpus unless a complete one (marked DONE) is there; a complete one made
     with other settings is an error rather than silently reused."""
     done = os.path.join(out_dir, "DONE")
     want = _recipe(num_docs, seed, side, vocab_size)
     if not os.path.isfile(done):
-        write_corpus(out_dir, num_docs=num_docs, seed=seed, side=side, vocab_size=vocab_size)
+        write_corpus(out_dir, num_docs=num_docs, docs_per_shard=docs_per_shard, seed=seed, side=side,
+                     vocab_size=vocab_size)
         return out_dir
     with open(done) as f:
         have = json.load(f)

@@ -67,7 +67,7 @@ class Prompter:
 
     def __init__(self, tokenizer, image_size: int):
         from flamingo_dist.data.layout import FAKE_TOKEN, IMAGE_TOKEN
-        from flamingo_dist.data.pipeline import image_transform
+        from flamingo_dist.data.processing import image_transform
 
         self.tok = tokenizer
         self.transform = image_transform(image_size)

@@ -27,18 +27,20 @@ class FlamingoLayer(nn.Module):
         object.__setattr__(self, "decoder", decoder)
         self.activation_checkpointing = False
 
-    def _forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, media_kv=None, kv_cache=None):
+    def _forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask=None, media_kv=None,
+                 kv_cache=None):
         if self.xattn is not None and media_BMV is not None:
             x_BTD = self.xattn(x_BTD, media_BMV, mask_bias, has_image_BT, media_kv)
-        return self.decoder(x_BTD, cos, sin, kv_cache=kv_cache)
+        return self.decoder(x_BTD, cos, sin, attn_mask=self_mask, kv_cache=kv_cache)
 
-    def forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, media_kv=None, kv_cache=None):
+    def forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask=None, media_kv=None,
+                kv_cache=None):
         if self.activation_checkpointing and torch.is_grad_enabled():
             # Non-reentrant: the reentrant form drops gradients of trainable parameters when the
             # block's inputs come from frozen layers (no input requires grad).
-            return checkpoint(self._forward, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT,
+            return checkpoint(self._forward, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask,
                               use_reentrant=False)
-        return self._forward(x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, media_kv, kv_cache)
+        return self._forward(x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask, media_kv, kv_cache)
 
 
 class GenerationCache:
@@ -92,18 +94,26 @@ class Flamingo(nn.Module):
         return [(i, layer.xattn) for i, layer in enumerate(self.layers) if layer.xattn is not None]
 
     def encode_media(self, pixel_values_BNCP: torch.Tensor) -> torch.Tensor:
-        """[B, N, 3, H, W] -> resampled media [B, N*L, V]."""
+        """[B, N, 3, H, W] images, or [B, N, F, 3, H, W] videos of F frames each -> resampled
+        media [B, N*L, V] (one media slot, L latents, per image or video)."""
         B, N = pixel_values_BNCP.shape[:2]
-        feats_XSV = self.vision(pixel_values_BNCP.flatten(0, 1))  # X = B*N, no autograd
+        video = pixel_values_BNCP.dim() == 6
+        feats_XSV = self.vision(pixel_values_BNCP.flatten(0, 2 if video else 1))  # X = B*N(*F), no autograd
         dtype = next(self.resampler.parameters()).dtype
-        latents_XLV = self.resampler(feats_XSV.to(dtype))
+        feats_XSV = feats_XSV.to(dtype)
+        if video:  # frames of one video: time embeddings, then resampled together
+            F = pixel_values_BNCP.shape[2]
+            feats_XSV = self.resampler.add_time(feats_XSV.view(B * N, F, *feats_XSV.shape[1:]))
+        latents_XLV = self.resampler(feats_XSV)
         return latents_XLV.view(B, N * self.num_latents, -1)
 
     def hidden_states(self, input_ids_BT, pixel_values_BNCP=None, image_attention_mask_BTN=None,
-                      position_ids_BT=None, cache: GenerationCache | None = None) -> torch.Tensor:
+                      position_ids_BT=None, cache: GenerationCache | None = None,
+                      document_ids_BT=None) -> torch.Tensor:
         """With a `cache` (generation): the first call is the prompt (with its pixels), each later
         call one new token per row (pixels not needed, its image-mask row given); positions
-        continue from the cached length."""
+        continue from the cached length. `document_ids_BT` (packed training sequences): a token
+        attends only to earlier tokens with the same id (per-document self-attention)."""
         x_BTD = self.lm.embed(input_ids_BT)
         T = input_ids_BT.shape[1]
         start = cache.length if cache is not None else 0
@@ -119,6 +129,11 @@ class Flamingo(nn.Module):
                 cache.media_BMV = media_BMV
         if media_BMV is not None:
             mask_bias, has_image_BT = expand_image_mask(image_attention_mask_BTN, self.num_latents, x_BTD.dtype)
+        self_mask = None
+        if document_ids_BT is not None:
+            if cache is not None:
+                raise ValueError("document_ids (packed training sequences) do not go with a generation cache")
+            self_mask = document_causal_mask(document_ids_BT)
         for i, layer in enumerate(self.layers):
             media_kv = kv_cache = None
             if cache is not None:
@@ -127,16 +142,18 @@ class Flamingo(nn.Module):
                     if i not in cache.media_kv:
                         cache.media_kv[i] = layer.xattn.media_kv(media_BMV)
                     media_kv = cache.media_kv[i]
-            x_BTD = layer(x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, media_kv, kv_cache)
+            x_BTD = layer(x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask, media_kv, kv_cache)
         if cache is not None:
             cache.length += T
         return x_BTD
 
     def forward(self, input_ids_BT, pixel_values_BNCP=None, image_attention_mask_BTN=None,
-                position_ids_BT=None, labels_BT=None, z_loss: float = 0.0, cache: GenerationCache | None = None):
+                position_ids_BT=None, labels_BT=None, z_loss: float = 0.0, cache: GenerationCache | None = None,
+                document_ids_BT=None):
         """Without labels: this rank's vocabulary shard of the logits [B, T, Vp/tp]. With labels:
         (mean next-token loss over the labelled tokens + z-loss, detached statistics)."""
-        h = self.hidden_states(input_ids_BT, pixel_values_BNCP, image_attention_mask_BTN, position_ids_BT, cache)
+        h = self.hidden_states(input_ids_BT, pixel_values_BNCP, image_attention_mask_BTN, position_ids_BT, cache,
+                               document_ids_BT)
         logits = self.lm.logits_parallel(h)
         if labels_BT is None:
             return logits
@@ -148,3 +165,12 @@ class Flamingo(nn.Module):
     def logits(self, *args, **kwargs) -> torch.Tensor:
         """Full logits [B, T, V+2], gathered across TP ranks (evaluation, parity tests)."""
         return self.lm.gather_logits(self.forward(*args, **kwargs))
+
+
+def document_causal_mask(document_ids_BT: torch.Tensor) -> torch.Tensor:
+    """[B, T] document ids -> [B, 1, T, T] boolean self-attention mask: causal, and only within
+    a document (padding, id 0, attends to padding, so no row is empty)."""
+    T = document_ids_BT.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids_BT.device).tril()
+    same = document_ids_BT[:, :, None] == document_ids_BT[:, None, :]
+    return (same & causal)[:, None]

@@ -52,16 +52,29 @@ class ResamplerMLP(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """[B, S, V] vision tokens -> [B, L, V] latents."""
+    """[B, S, V] vision tokens -> [B, L, V] latents. With `max_frames`, also videos:
+    `add_time` gives each frame's tokens its learned time embedding (Flamingo's video input);
+    the frames are then resampled together as one [B, F*S, V] context."""
 
     def __init__(self, width: int, depth: int, num_heads: int, head_dim: int, num_latents: int,
-                 qk_layer_norms: bool = False):
+                 qk_layer_norms: bool = False, max_frames: int = 0):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, width))
+        if max_frames:
+            self.frame_embs = nn.Parameter(torch.zeros(max_frames, width))
         self.blocks = nn.ModuleList(
             nn.ModuleList([ResamplerAttention(width, num_heads, head_dim, qk_layer_norms), ResamplerMLP(width)])
             for _ in range(depth))
         self.layer_norm = nn.LayerNorm(width, eps=1e-5)
+
+    def add_time(self, frames_BFSV: torch.Tensor) -> torch.Tensor:
+        """[B, F, S, V] frame tokens -> [B, F*S, V] with each frame's time embedding added."""
+        F = frames_BFSV.shape[1]
+        if not hasattr(self, "frame_embs") or F > self.frame_embs.shape[0]:
+            have = self.frame_embs.shape[0] if hasattr(self, "frame_embs") else 0
+            raise ValueError(f"a video of {F} frames, but the resampler has time embeddings for {have} "
+                             "(model.resampler.max_frames)")
+        return (frames_BFSV + self.frame_embs[:F, None].to(frames_BFSV.dtype)).flatten(1, 2)
 
     def forward(self, context_BSV: torch.Tensor) -> torch.Tensor:
         latents_BLV = self.latents.to(context_BSV.dtype).expand(context_BSV.shape[0], -1, -1)

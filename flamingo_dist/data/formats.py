@@ -1,0 +1,248 @@
+"""Reading webdataset shards as users have them, and turning each sample into a document.
+
+A shard is a tar; consecutive members sharing a key (the member path up to the first dot of its
+file name) form one sample, as webdataset writes them. `read_shard` walks the members itself (not
+through webdataset's pipeline, whose errors end the whole shard silently or raise) so that a
+truncated or damaged tar yields every sample before the damage and then one `BadSample`.
+
+A document is a list of items: text (str) or a `Media` (the encoded bytes of one image, or of
+the frames of one video). The four formats:
+
+- ``obelics``: ``key.json`` = {"texts": [str|null, ...], "images": [member|null, ...]} (parallel
+  lists; an image entry names a member ``key.<member>`` holding the image bytes). Also the
+  synthetic debug corpus.
+- ``mmc4``: ``key.json`` = an MMC4 document: {"text_list": [...], "image_info": [{"image_name",
+  "matched_text_index", "matched_sim", optional "image_base64"}]}; the image is inline
+  (``image_base64``) or a member ``key.<image_name>``. Images whose similarity is below the
+  threshold are dropped; the others go before, or with probability `image_after_text_p` after,
+  the sentence they matched (the paper's placement augmentation).
+- ``pairs``: img2dataset output: ``key.jpg|jpeg|png|webp`` + ``key.txt`` (caption) + optional
+  ``key.json`` (metadata; must parse when present).
+- ``video``: frames as members ``key.frame<NNN>.<ext>`` (in order of NNN), or one animated
+  container ``key.gif|webp``; caption in ``key.txt`` or ``key.json`` {"caption"}.
+
+Every problem is a `BadSample` with one of `REASONS`, so it can be counted and the sample skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import random
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+FORMATS = ("obelics", "mmc4", "pairs", "video")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+REASONS = ("truncated_tar", "malformed_json", "missing_key", "undecodable_image", "image_too_large", "no_image",
+           "no_text")
+_FRAME = re.compile(r"^frame(\d+)\.(jpg|jpeg|png|webp)$")
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class Media:
+    """One image (one encoded frame) or one video (several)."""
+
+    frames: list[bytes]
+    video: bool = False
+    name: str = ""
+
+
+Item = Union[str, Media]
+
+
+@dataclass
+class Document:
+    items: list[Item]
+    key: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- tar reading
+def read_shard(path: str, skip: int = 0) -> Iterator[tuple[int, Union[dict, BadSample]]]:
+    """(index in shard, sample dict {"__key__", suffix: bytes}) for every sample from `skip` on;
+    a damaged tar (a member cut short, a partial header, or no end-of-archive blocks) ends with
+    one (index, BadSample("truncated_tar")) in place of the sample it damaged. Samples before
+    `skip` are not read (their members are seeked over)."""
+    index, current, key = 0, {}, None
+    damage = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                stem, dot, suffix = base.partition(".")
+                if not dot:
+                    continue
+                k = os.path.join(os.path.dirname(member.name), stem)
+                if k != key:
+                    if key is not None:
+                        if index >= skip:
+                            yield index, current
+                        index += 1
+                    key, current = k, {"__key__": k}
+                if index >= skip:
+                    data = tar.extractfile(member)
+                    current[suffix.lower()] = data.read() if data is not None else b""
+            # tarfile ends quietly at a cut between members: a whole archive ends with two zero blocks
+            if os.path.getsize(path) - tar.offset < 2 * tarfile.BLOCKSIZE:
+                damage = "no end-of-archive marker (cut short)"
+    except FileNotFoundError:
+        raise
+    except (tarfile.TarError, EOFError, OSError) as e:
+        damage = str(e) or type(e).__name__
+    if damage is not None:
+        if index >= skip:
+            yield index, BadSample("truncated_tar", f"{os.path.basename(path)} at sample {index}: {damage}")
+        return
+    if key is not None and index >= skip:
+        yield index, current
+
+
+# --------------------------------------------------------------------------- parsing
+def _json(sample: dict, name: str = "json") -> dict:
+    if name not in sample:
+        raise BadSample("missing_key", f"{sample['__key__']}: no .{name}")
+    try:
+        value = json.loads(sample[name])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadSample("malformed_json", f"{sample['__key__']}.{name}: {e}") from None
+    if not isinstance(value, dict):
+        raise BadSample("malformed_json", f"{sample['__key__']}.{name}: not a JSON object")
+    return value
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise BadSample("malformed_json", f"{where}: expected text, got {type(value).__name__}")
+    return value
+
+
+def _check_document(doc: Document) -> Document:
+    if not any(isinstance(it, Media) for it in doc.items):
+        raise BadSample("no_image", doc.key)
+    if not any(isinstance(it, str) and it.strip() for it in doc.items):
+        raise BadSample("no_text", doc.key)
+    return doc
+
+
+def parse_obelics(sample: dict) -> Document:
+    meta, key = _json(sample), sample["__key__"]
+    texts, images = meta.get("texts"), meta.get("images")
+    if not isinstance(texts, list) or not isinstance(images, list):
+        raise BadSample("missing_key", f"{key}.json: needs lists 'texts' and 'images'")
+    if len(texts) != len(images):
+        raise BadSample("malformed_json", f"{key}.json: 'texts' ({len(texts)}) and 'images' ({len(images)}) differ")
+    items: list[Item] = []
+    for i, (text, image) in enumerate(zip(texts, images)):
+        if image is not None:
+            name = _text(image, f"{key}.json images[{i}]").lower()
+            if name not in sample:
+                raise BadSample("missing_key", f"{key}: image member .{name} not in the shard")
+            items.append(Media([sample[name]], name=name))
+        elif text:
+            items.append(_text(text, f"{key}.json texts[{i}]"))
+    return _check_document(Document(items, key))
+
+
+def parse_mmc4(sample: dict, min_sim: float, image_after_text_p: float, rng: random.Random) -> Document:
+    meta, key = _json(sample), sample["__key__"]
+    sentences, infos = meta.get("text_list"), meta.get("image_info")
+    if not isinstance(sentences, list) or not isinstance(infos, list):
+        raise BadSample("missing_key", f"{key}.json: needs lists 'text_list' and 'image_info'")
+    before: dict[int, list[Media]] = {}
+    after: dict[int, list[Media]] = {}
+    for i, info in enumerate(infos):
+        if not isinstance(info, dict) or "matched_text_index" not in info:
+            raise BadSample("missing_key", f"{key}.json image_info[{i}]: no matched_text_index")
+        if float(info.get("matched_sim", 1.0)) < min_sim:
+            continue
+        where = info["matched_text_index"]
+        if not isinstance(where, int) or not 0 <= where < len(sentences):
+            raise BadSample("malformed_json", f"{key}.json image_info[{i}]: matched_text_index {where!r} is not a "
+                            f"sentence index (0..{len(sentences) - 1})")
+        name = str(info.get("image_name", f"image{i}"))
+        if info.get("image_base64"):
+            try:
+                data = base64.b64decode(info["image_base64"], validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise BadSample("undecodable_image", f"{key}: image_base64 of {name}: {e}") from None
+        else:
+            member = name.lower()
+            if member not in sample:
+                raise BadSample("missing_key", f"{key}: image {name} neither inline (image_base64) nor a member")
+            data = sample[member]
+        side = after if rng.random() < image_after_text_p else before
+        side.setdefault(where, []).append(Media([data], name=name))
+    items: list[Item] = []
+    for i, sentence in enumerate(sentences):
+        items.extend(before.get(i, []))
+        text = _text(sentence, f"{key}.json text_list[{i}]")
+        items.append(text if not items or isinstance(items[-1], Media) else " " + text)
+        items.extend(after.get(i, []))
+    return _check_document(Document(items, key))
+
+
+def parse_pair(sample: dict) -> Document:
+    key = sample["__key__"]
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise BadSample("missing_key", f"{key}: no image member (.{'/.'.join(IMAGE_EXTS)})")
+    if "txt" not in sample:
+        raise BadSample("missing_key", f"{key}: no .txt caption")
+    meta = _json(sample) if "json" in sample else {}
+    try:
+        caption = sample["txt"].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadSample("no_text", f"{key}.txt: {e}") from None
+    return _check_document(Document([Media([sample[ext]], name=ext), caption], key, meta))
+
+
+def parse_video(sample: dict) -> Document:
+    key = sample["__key__"]
+    frames = sorted((int(m.group(1)), name) for name in sample if (m := _FRAME.match(name)))
+    if frames:
+        media = Media([sample[name] for _, name in frames], video=True)
+    else:
+        container = next((e for e in ("gif", "webp") if e in sample), None)
+        if container is None:
+            raise BadSample("missing_key", f"{key}: no frame<NNN>.<ext> members and no .gif/.webp container")
+        media = Media([sample[container]], video=True, name=container)
+    if "txt" in sample:
+        caption = sample["txt"].decode("utf-8", errors="replace")
+    elif "json" in sample:
+        caption = _json(sample).get("caption")
+        if caption is None:
+            raise BadSample("missing_key", f"{key}.json: no caption")
+        caption = _text(caption, f"{key}.json caption")
+    else:
+        raise BadSample("missing_key", f"{key}: no .txt or .json caption")
+    return _check_document(Document([media, caption], key))
+
+
+def parse(fmt: str, sample: dict, rng: random.Random, min_sim: float = 0.0,
+          image_after_text_p: float = 0.0) -> Document:
+    """The document of one raw sample in format `fmt`, or BadSample."""
+    if fmt == "obelics":
+        return parse_obelics(sample)
+    if fmt == "mmc4":
+        return parse_mmc4(sample, min_sim, image_after_text_p, rng)
+    if fmt == "pairs":
+        return parse_pair(sample)
+    if fmt == "video":
+        return parse_video(sample)
+    raise ValueError(f"unknown data format {fmt!r} (known: {', '.join(FORMATS)})")

@@ -1,0 +1,186 @@
+"""Documents -> training sequences: decode and transform the media, tokenize in IDEFICS' layout
+(data/layout.py), and pack several documents into one sequence.
+
+Packing is greedy: documents go into the current sequence while its tokens (seq_len) and media
+slots (max_images) last; the first one that does not fit starts the next sequence. A document
+longer than a whole sequence is truncated (media past max_images are dropped with the text
+before the next one). Packed documents never see each other's images: `image_attention_mask`
+resets at every `</s>` (IDEFICS' rule). With `per_document_attention` (the default) each token
+also attends only to earlier tokens of its own document and positions restart at 0 for every
+document (`document_ids` / `position_ids` go to the model); without it a packed sequence is one
+causal stream, exactly as IDEFICS' processor packs.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+
+from flamingo_dist.data.formats import BadSample, Document, Media
+from flamingo_dist.data.layout import (FAKE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, document_text, image_attention_mask,
+                                       labels_for)
+
+# open_clip / OpenAI CLIP normalisation
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_transform(image_size: int):
+    """Squash-resize to a square and CLIP-normalise, with the operations of transformers'
+    `IdeficsImageProcessor` (torchvision backend: bicubic antialiased resize of the uint8 tensor,
+    then rescale and normalise), so an exported processor reproduces our pixels (to float
+    rounding; tests/test_export_tool.py)."""
+    import torchvision.transforms.v2.functional as F
+    from torchvision.transforms import InterpolationMode
+
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+
+    def transform(img) -> torch.Tensor:
+        pixels = F.resize(F.pil_to_tensor(img.convert("RGB")), [image_size, image_size],
+                          interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return (pixels.float() / 255.0 - mean) / std
+
+    return transform
+
+
+@dataclass
+class Limits:
+    max_image_bytes: int = 32 << 20
+    max_image_pixels: int = 64 << 20
+    jpeg_draft: bool = True
+
+
+def open_image(data: bytes, size: int, limits: Limits):
+    """Decoded RGB PIL image of encoded bytes, or BadSample. JPEGs are decoded in draft mode (the
+    decoder's own 1/2..1/8 scaling) when that still leaves at least `size` pixels per side."""
+    from PIL import Image
+
+    if len(data) > limits.max_image_bytes:
+        raise BadSample("image_too_large", f"{len(data)} bytes > data.max_image_bytes ({limits.max_image_bytes})")
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > limits.max_image_pixels:
+            raise BadSample("image_too_large", f"{w}x{h} pixels > data.max_image_pixels ({limits.max_image_pixels})")
+        if limits.jpeg_draft and img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        img.load()
+        return img
+    except BadSample:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadSample("undecodable_image", str(e)) from None
+
+
+class MediaDecoder:
+    """Media -> pixels: an image [3, S, S], a video [frames, 3, S, S] (frames spread evenly over
+    the clip, repeated when it has fewer); BadSample when it cannot be used."""
+
+    def __init__(self, image_size: int, frames: int = 0, limits: Limits | None = None):
+        self.image_size, self.frames, self.limits = image_size, frames, limits or Limits()
+        self.transform = image_transform(image_size)
+
+    def __call__(self, media: Media) -> torch.Tensor:
+        if not media.video:
+            return self.transform(open_image(media.frames[0], self.image_size, self.limits))
+        frames = None
+        if len(media.frames) == 1:  # an animated container
+            from PIL import ImageSequence
+
+            img = open_image(media.frames[0], self.image_size, self.limits)
+            try:
+                frames = [self.transform(f.convert("RGB")) for f in ImageSequence.Iterator(img)]
+            except (OSError, ValueError) as e:
+                raise BadSample("undecodable_image", f"{media.name}: {e}") from None
+        n = len(frames) if frames is not None else len(media.frames)
+        count = self.frames or n
+        picks = [round(i * (n - 1) / max(1, count - 1)) for i in range(count)]
+        if frames is None:
+            decoded = {p: self.transform(open_image(media.frames[p], self.image_size, self.limits)) for p in set(picks)}
+            return torch.stack([decoded[p] for p in picks])
+        return torch.stack([frames[p] for p in picks])
+
+
+@dataclass
+class Encoded:
+    """One document, tokenized: ids (already truncated), one pixel tensor per media slot kept."""
+
+    ids: list[int]
+    pixels: list[torch.Tensor]
+    dropped_images: int = 0
+    key: str = ""
+
+
+class Processor:
+    """Document -> Encoded (decode, transform, tokenize) and Encoded list -> packed batch."""
+
+    def __init__(self, tokenizer, seq_len: int, max_images: int, image_size: int, frames: int = 0,
+                 limits: Limits | None = None, per_document_attention: bool = True):
+        self.tok, self.seq_len, self.max_images, self.image_size = tokenizer, seq_len, max_images, image_size
+        self.frames = frames  # > 0: a video source, every media slot holds this many frames
+        self.decode = MediaDecoder(image_size, frames, limits)
+        self.per_document_attention = per_document_attention
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.fake_id = tokenizer.convert_tokens_to_ids(FAKE_TOKEN)
+
+    def media_shape(self) -> tuple[int, ...]:
+        side = self.image_size
+        return (self.frames, 3, side, side) if self.frames else (3, side, side)
+
+    def encode(self, doc: Document) -> Encoded:
+        """Decode the media (an undecodable one is dropped; a document left with none is bad,
+        under the reason of its first failure), then tokenize and truncate."""
+        items, pixels, failures = [], [], []
+        for item in doc.items:
+            if isinstance(item, Media):
+                if len(pixels) == self.max_images:
+                    break  # the text up to the next media stays
+                try:
+                    pixels.append(self.decode(item))
+                except BadSample as e:
+                    failures.append(e)
+                    continue
+            items.append(item)
+        if not pixels:
+            raise failures[0] if failures else BadSample("no_image", doc.key)
+        text, _ = document_text(items, self.tok.bos_token, self.tok.eos_token)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"][: self.seq_len]
+        seen = sum(1 for t in ids if t == self.image_id)  # media that survived truncation
+        return Encoded(ids, pixels[:seen], dropped_images=len(failures), key=doc.key)
+
+    def fits(self, packed: list[Encoded], enc: Encoded) -> bool:
+        if not packed:
+            return True
+        return (sum(len(e.ids) for e in packed) + len(enc.ids) <= self.seq_len
+                and sum(len(e.pixels) for e in packed) + len(enc.pixels) <= self.max_images)
+
+    def sequence(self, packed: list[Encoded]) -> dict:
+        """One training row from the documents packed into it."""
+        T, N = self.seq_len, self.max_images
+        ids = [t for e in packed for t in e.ids]
+        n = len(ids)
+        input_ids = torch.tensor(ids + [self.tok.pad_token_id] * (T - n))
+        attn = (torch.arange(T) < n).long()
+        doc_ids = torch.zeros(T, dtype=torch.long)
+        positions = torch.arange(T)
+        labels = labels_for(input_ids[None], attn[None], self.image_id, self.fake_id)[0]
+        at = 0
+        for d, e in enumerate(packed, start=1):
+            doc_ids[at: at + len(e.ids)] = d
+            if self.per_document_attention:
+                positions[at: at + len(e.ids)] = torch.arange(len(e.ids))
+                labels[at] = IGNORE_INDEX  # a document's first token is not predicted from another's
+            at += len(e.ids)
+        pv = torch.zeros(N, *self.media_shape())
+        media = [p for e in packed for p in e.pixels]
+        for k, p in enumerate(media):
+            pv[k] = p
+        mask = image_attention_mask(input_ids[None], self.image_id, self.tok.eos_token_id, N)[0] * attn[:, None]
+        row = {"input_ids": input_ids, "labels": labels, "attention_mask": attn, "pixel_values": pv,
+               "image_attention_mask": mask, "position_ids": positions, "num_images": torch.tensor(len(media)),
+               "num_documents": torch.tensor(len(packed))}
+        if self.per_document_attention:
+            row["document_ids"] = doc_ids
+        return row
