@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         return 2
 
     from flamingo_dist.parallel import destroy_distributed, init_distributed
-    from flamingo_dist.trainer import Trainer
+    from flamingo_dist.trainer import Trainer, TrainingStopped
 
     layout = init_distributed(cfg.parallel.tensor_parallel_size)
     trainer = Trainer(cfg, args.deepspeed, layout)
@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # the run cannot go on (bad data, diverged); the message says why
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         trainer.close(status)
         destroy_distributed()

@@ -1,0 +1,137 @@
+"""Packed documents do not see each other: not their images (image mask and cross-attention
+outputs), and with per-document self-attention not their tokens either."""
+
+import pytest
+import torch
+
+from flamingo_dist.config_load import load_config
+
+
+@pytest.fixture(scope="module")
+def world1():
+    from flamingo_dist.parallel import destroy_distributed, init_distributed
+
+    layout = init_distributed(1)
+    yield layout
+    destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(synthetic_corpus):
+    from flamingo_dist.data.synthetic import VOCAB_SIZE
+    from flamingo_dist.hf_llama import load_tokenizer
+
+    return load_tokenizer(f"{synthetic_corpus}/tokenizer", VOCAB_SIZE)
+
+
+@pytest.fixture(scope="module")
+def model(world1):
+    from flamingo_dist.build import build_model
+    from flamingo_dist.parallel import tp_group
+
+    cfg = load_config(None, [])
+    m = build_model(cfg.model, tp_group(), seed=3, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for _, block in m.xattn_blocks():
+            block.alpha_cross_attn.fill_(0.7)
+            block.alpha_dense.fill_(0.7)
+    return m
+
+
+def docs(seed: int):
+    """Three documents: (items, images) with PIL images, shapes drawn from `seed`."""
+    import random
+
+    from flamingo_dist.data.formats import Document, Media
+    from flamingo_dist.data.synthetic import make_document
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(3):
+        items, images = make_document(rng, max_images=2)
+        doc = []
+        for it in items:
+            if it in images:
+                import io
+
+                buf = io.BytesIO()
+                images[it].save(buf, format="PNG")
+                doc.append(Media([buf.getvalue()]))
+            else:
+                doc.append(it)
+        out.append(Document(doc, key=f"d{i}"))
+    return out
+
+
+def packed(tokenizer, documents, per_document: bool, seq_len: int = 128):
+    from flamingo_dist.data.processing import Processor
+
+    proc = Processor(tokenizer, seq_len=seq_len, max_images=6, image_size=32, per_document_attention=per_document)
+    encoded = [proc.encode(d) for d in documents]
+    assert all(proc.fits(encoded[:i], encoded[i]) for i in range(len(encoded))), "the test documents must fit"
+    row = proc.sequence(encoded)
+    return {k: v[None] for k, v in row.items()}, encoded
+
+
+def run(model, batch):
+    with torch.no_grad():
+        return model.logits(batch["input_ids"], batch["pixel_values"], batch["image_attention_mask"],
+                            position_ids_BT=batch["position_ids"], document_ids_BT=batch.get("document_ids"))
+
+
+def test_no_token_sees_an_image_of_another_document(tokenizer):
+    batch, encoded = packed(tokenizer, docs(0), per_document=True)
+    doc_of_token = batch["document_ids"][0]
+    doc_of_image = torch.tensor([d for d, e in enumerate(encoded, start=1) for _ in e.pixels])
+    mask = batch["image_attention_mask"][0]
+    t, n = mask.nonzero(as_tuple=True)
+    assert len(t) > 0 and len(doc_of_image) >= 4
+    assert torch.equal(doc_of_token[t], doc_of_image[n])
+    # every image is seen by the tokens of its own document (the mask is not empty by accident)
+    assert set(n.tolist()) == set(range(len(doc_of_image)))
+    # positions restart at each document; labels never predict a document's first token from another's
+    starts = [0] + [sum(len(e.ids) for e in encoded[:i]) for i in range(1, len(encoded))]
+    assert [int(batch["position_ids"][0, s]) for s in starts] == [0] * len(starts)
+    assert all(int(batch["labels"][0, s]) == -100 for s in starts)
+
+
+@pytest.mark.parametrize("per_document", [True, False])
+def test_cross_attention_of_a_document_ignores_the_images_of_the_others(model, tokenizer, per_document):
+    """The first cross-attention block (before layer 0) sees embeddings only: changing the first
+    document's images must not change its outputs for the other documents' tokens."""
+    batch, encoded = packed(tokenizer, docs(0), per_document)
+    n1 = len(encoded[0].pixels)
+    other = batch["pixel_values"].clone()
+    other[0, :n1] = torch.randn_like(other[0, :n1])
+    outputs = []
+    block = model.layers[0].xattn
+    handle = block.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach().clone()))
+    try:
+        run(model, batch)
+        run(model, {**batch, "pixel_values": other})
+    finally:
+        handle.remove()
+    first = len(encoded[0].ids)
+    assert torch.equal(outputs[0][0, first:], outputs[1][0, first:])
+    assert not torch.equal(outputs[0][0, :first], outputs[1][0, :first])  # the first document's do change
+
+
+def test_with_per_document_attention_document_1_changes_no_logit_of_document_2(model, tokenizer):
+    a, b = docs(0), docs(1)
+    changed = [b[0], a[1], a[2]]  # another first document (text and images), same documents 2 and 3
+    base, enc = packed(tokenizer, a, True)
+    alt, enc_alt = packed(tokenizer, changed, True)
+    la, lb = run(model, base), run(model, alt)
+    s_a, s_b = len(enc[0].ids), len(enc_alt[0].ids)
+    n = len(enc[1].ids) + len(enc[2].ids)
+    assert s_a != s_b or not torch.equal(base["input_ids"][0, :s_a], alt["input_ids"][0, :s_b])
+    torch.testing.assert_close(la[0, s_a:s_a + n], lb[0, s_b:s_b + n], rtol=1e-5, atol=1e-5)
+    # and equal to document 2 alone in its own sequence
+    alone, _ = packed(tokenizer, a[1:2], True)
+    m = len(enc[1].ids)
+    torch.testing.assert_close(la[0, s_a:s_a + m], run(model, alone)[0, :m], rtol=1e-5, atol=1e-5)
+    # without it (IDEFICS' packing) document 2 does see document 1 through self-attention
+    base_c, _ = packed(tokenizer, a, False)
+    alt_c, _ = packed(tokenizer, changed, False)
+    lc, ld = run(model, base_c), run(model, alt_c)
+    assert not torch.allclose(lc[0, s_a:s_a + n], ld[0, s_b:s_b + n], rtol=1e-3, atol=1e-3)
