@@ -9,7 +9,7 @@ from torch import nn
 
 from flamingo_dist.config import TrainConfig
 
-_NO_DECAY = ("norm", "alpha_", "latents", "bias", "new_embed", "embed")
+_NO_DECAY = ("norm", "alpha_", "latents", "bias", "new_embed", "embed", "frame_embs")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

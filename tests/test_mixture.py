@@ -80,3 +80,47 @@ def test_weighted_loss_is_the_same_for_dp1_with_accumulation_and_dp2(synthetic_c
     assert ranks[0][0]["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
     assert abs(per1["docs"] - per1["pairs"]) > 1e-3  # the weights matter: not an unweighted mean in disguise
     assert m1["loss"] != pytest.approx((per1["docs"] + per1["pairs"]) / 2, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def video_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("video")
+    for s in range(2):
+        shardkit.write_tar(str(out / f"video-{s:05d}.tar"), [
+            {"__key__": f"v{s}_{i}", "txt": shardkit.CAPTIONS[i % 4],
+             **{f"frame{k:03d}.jpg": shardkit.image_bytes(100 * s + 10 * i + k) for k in range(3 + i % 2)}}
+            for i in range(4)])
+    return str(out)
+
+
+def _video_step(layout, corpus, video, run_dir):
+    import torch
+
+    trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=2", "train.precision=fp32",
+                           f"data.tokenizer={corpus}/tokenizer", "model.resampler.max_frames=4",
+                           "data.frames_per_video=4",
+                           "data.sources=[{name: docs, format: obelics, shards: %s}, "
+                           "{name: clips, format: video, shards: %s, weight: 0.03, micro_batch_size: 2}]"
+                           % (corpus, video))
+    shapes = []
+    draw = trainer.feed.step_batches
+
+    def spy(n):
+        out = draw(n)
+        shapes.extend((src.name, tuple(b["pixel_values"].shape)) for src, b in out)
+        return out
+
+    trainer.feed.step_batches = spy
+    m = trainer.train_step()  # the gates start at 0: this step opens them, the next one reaches the resampler
+    before = trainer.model.resampler.frame_embs.detach().clone()
+    trainer.train_step()
+    moved = not torch.equal(before, trainer.model.resampler.frame_embs.detach())
+    return m, shapes[:2], moved
+
+
+def test_a_video_source_trains_with_per_frame_time_embeddings(synthetic_corpus, video_shards, tmp_path):
+    (m, shapes, moved), = run_distributed(_video_step, 1, 1, tmp_path / "o", synthetic_corpus, video_shards,
+                                          str(tmp_path / "run"))
+    assert shapes == [("docs", (4, 3, 3, 32, 32)), ("clips", (2, 3, 4, 3, 32, 32))]  # [B, media, frames, C, H, W]
+    assert m["loss/clips"] == m["loss/clips"] and m["loss/clips"] > 0
+    assert moved  # the time embeddings got a gradient and an update

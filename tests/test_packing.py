@@ -135,3 +135,24 @@ def test_with_per_document_attention_document_1_changes_no_logit_of_document_2(m
     alt_c, _ = packed(tokenizer, changed, False)
     lc, ld = run(model, base_c), run(model, alt_c)
     assert not torch.allclose(lc[0, s_a:s_a + n], ld[0, s_b:s_b + n], rtol=1e-3, atol=1e-3)
+
+
+def test_video_frames_get_time_embeddings_and_are_resampled_together(world1):
+    from flamingo_dist.build import build_model
+    from flamingo_dist.parallel import tp_group
+
+    cfg = load_config(None, ["model.resampler.max_frames=4"])
+    m = build_model(cfg.model, tp_group(), seed=3, dtype=torch.float32).eval()
+    with torch.no_grad():
+        m.resampler.frame_embs.normal_()
+    clip = torch.randn(1, 2, 3, 3, 32, 32)  # [B, N media, F frames, C, H, W]
+    with torch.no_grad():
+        media = m.encode_media(clip)
+        swapped = m.encode_media(clip[:, :, [1, 0, 2]])
+        single = m.encode_media(clip[:, :, :1])
+        image = m.encode_media(clip[:, :, 0])
+    assert media.shape == (1, 2 * cfg.model.resampler.num_latents, m.vision.width)
+    assert not torch.allclose(media, swapped)  # frame order matters (time embeddings)
+    assert not torch.allclose(single, image)  # a one-frame video carries its time embedding; an image none
+    with pytest.raises(ValueError, match="5 frames.*time embeddings for 4"):
+        m.encode_media(torch.randn(1, 1, 5, 3, 32, 32))
