@@ -58,4 +58,6 @@ def render() -> str:
                         " ".join(docs[cls.__name__].get(f.name, "").split()))
 
     section(config_module.JobConfig, "", "Top level", "")
+    section(config_module.SourceConfig, "data.sources[].", "`data.sources[]` entries",
+            " ".join(inspect.cleandoc(config_module.SourceConfig.__doc__ or "").split()))
     return "\n".join(lines).rstrip() + "\n"

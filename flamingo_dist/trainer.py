@@ -319,8 +319,11 @@ class Trainer:
 
     def _forward(self, batch: dict):
         """(mean token loss, stats) of one micro-batch on the device."""
+        from flamingo_dist.data.processing import normalize_pixels
+
         b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        return self.engine(b["input_ids"], b["pixel_values"], b["image_attention_mask"], position_ids_BT=b["position_ids"],
+        pixels = normalize_pixels(b["pixel_values"])  # the loader ships uint8: normalised here, on the device
+        return self.engine(b["input_ids"], pixels, b["image_attention_mask"], position_ids_BT=b["position_ids"],
                            labels_BT=b["labels"], z_loss=self.cfg.train.z_loss, document_ids_BT=b.get("document_ids"))
 
     def _check_data_error(self, flag: float) -> None:

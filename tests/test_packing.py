@@ -74,8 +74,10 @@ def packed(tokenizer, documents, per_document: bool, seq_len: int = 128):
 
 
 def run(model, batch):
+    from flamingo_dist.data.processing import normalize_pixels
+
     with torch.no_grad():
-        return model.logits(batch["input_ids"], batch["pixel_values"], batch["image_attention_mask"],
+        return model.logits(batch["input_ids"], normalize_pixels(batch["pixel_values"]), batch["image_attention_mask"],
                             position_ids_BT=batch["position_ids"], document_ids_BT=batch.get("document_ids"))
 
 
@@ -102,7 +104,7 @@ def test_cross_attention_of_a_document_ignores_the_images_of_the_others(model, t
     batch, encoded = packed(tokenizer, docs(0), per_document)
     n1 = len(encoded[0].pixels)
     other = batch["pixel_values"].clone()
-    other[0, :n1] = torch.randn_like(other[0, :n1])
+    other[0, :n1] = torch.randint_like(other[0, :n1], 0, 256)
     outputs = []
     block = model.layers[0].xattn
     handle = block.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach().clone()))

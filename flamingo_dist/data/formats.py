@@ -72,23 +72,70 @@ class Document:
 
 
 # --------------------------------------------------------------------------- tar reading
+class _Damage(Exception):
+    pass
+
+
+def _octal(field: bytes) -> int:
+    if field and field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _tar_members(f) -> Iterator[tuple[str, int, int]]:
+    """(name, size, data offset) of every regular file of an open tar, reading only the 512-byte
+    headers (about 5x faster than `tarfile` for webdataset's many small members). Handles
+    ustar prefixes, GNU long names and pax `path` records; raises _Damage on a cut or corrupt
+    archive."""
+    long_name = None
+    while True:
+        header = f.read(tarfile.BLOCKSIZE)
+        if len(header) < tarfile.BLOCKSIZE:
+            raise _Damage("cut inside a header" if header else "no end-of-archive marker (cut short)")
+        if header.count(0) == tarfile.BLOCKSIZE:
+            return
+        stored = _octal(header[148:156])
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+            raise _Damage(f"bad header checksum at byte {f.tell() - tarfile.BLOCKSIZE}")
+        size, kind = _octal(header[124:136]), header[156:157]
+        start = f.tell()
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar" and header[345] != 0:
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        if kind in (b"L", b"x"):
+            data = f.read(size)
+            if len(data) < size:
+                raise _Damage("cut inside an extended header")
+            if kind == b"L":
+                long_name = data.split(b"\0", 1)[0]
+            else:
+                for record in data.split(b"\n"):
+                    _, _, kv = record.partition(b" ")
+                    if kv.startswith(b"path="):
+                        long_name = kv[5:]
+        elif kind in (b"0", b"\0", b"7"):
+            if long_name is not None:
+                name, long_name = long_name, None
+            yield name.decode("utf-8", "surrogateescape"), size, start
+        f.seek(start + (size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE)
+
+
 def read_shard(path: str, skip: int = 0) -> Iterator[tuple[int, Union[dict, BadSample]]]:
     """(index in shard, sample dict {"__key__", suffix: bytes}) for every sample from `skip` on;
-    a damaged tar (a member cut short, a partial header, or no end-of-archive blocks) ends with
-    one (index, BadSample("truncated_tar")) in place of the sample it damaged. Samples before
-    `skip` are not read (their members are seeked over)."""
+    a damaged tar (a member cut short, a partial or corrupt header, or no end-of-archive blocks)
+    ends with one (index, BadSample("truncated_tar")) in place of the sample it damaged. Samples
+    before `skip` are not read (their members are seeked over)."""
     index, current, key = 0, {}, None
     damage = None
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
+    with open(path, "rb") as f:
+        try:
+            for name, size, start in _tar_members(f):
+                base = os.path.basename(name)
                 stem, dot, suffix = base.partition(".")
                 if not dot:
                     continue
-                k = os.path.join(os.path.dirname(member.name), stem)
+                k = os.path.join(os.path.dirname(name), stem)
                 if k != key:
                     if key is not None:
                         if index >= skip:
@@ -96,15 +143,13 @@ def read_shard(path: str, skip: int = 0) -> Iterator[tuple[int, Union[dict, BadS
                         index += 1
                     key, current = k, {"__key__": k}
                 if index >= skip:
-                    data = tar.extractfile(member)
-                    current[suffix.lower()] = data.read() if data is not None else b""
-            # tarfile ends quietly at a cut between members: a whole archive ends with two zero blocks
-            if os.path.getsize(path) - tar.offset < 2 * tarfile.BLOCKSIZE:
-                damage = "no end-of-archive marker (cut short)"
-    except FileNotFoundError:
-        raise
-    except (tarfile.TarError, EOFError, OSError) as e:
-        damage = str(e) or type(e).__name__
+                    f.seek(start)
+                    data = f.read(size)
+                    if len(data) < size:
+                        raise _Damage(f"member {name} cut short")
+                    current[suffix.lower()] = data
+        except _Damage as e:
+            damage = str(e)
     if damage is not None:
         if index >= skip:
             yield index, BadSample("truncated_tar", f"{os.path.basename(path)} at sample {index}: {damage}")

@@ -27,20 +27,38 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def image_transform(image_size: int):
-    """Squash-resize to a square and CLIP-normalise, with the operations of transformers'
-    `IdeficsImageProcessor` (torchvision backend: bicubic antialiased resize of the uint8 tensor,
-    then rescale and normalise), so an exported processor reproduces our pixels (to float
-    rounding; tests/test_export_tool.py)."""
+def square_uint8(img, image_size: int) -> torch.Tensor:
+    """An RGB PIL image squash-resized to [3, S, S] uint8 with the operations of transformers'
+    `IdeficsImageProcessor` (torchvision backend: bicubic antialiased resize of the uint8 tensor).
+    The loader ships these (4x less to copy between processes than floats) and the trainer
+    normalises on the device."""
+    import numpy as np
     import torchvision.transforms.v2.functional as F
     from torchvision.transforms import InterpolationMode
 
-    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    # a strided view of the HWC array: no copy, and the resize gives the same bytes as for a
+    # contiguous CHW tensor (tests/test_data_formats.py)
+    hwc = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+    return F.resize(hwc.permute(2, 0, 1), [image_size, image_size], interpolation=InterpolationMode.BICUBIC,
+                    antialias=True).contiguous()
+
+
+def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] -> CLIP-normalised floats (rescale, then normalise, as the
+    IDEFICS image processor does); float input is returned as it is (already normalised)."""
+    if pixels.dtype != torch.uint8:
+        return pixels
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=pixels.device)[:, None, None]
+    return ((pixels.float() / 255.0 - mean) / std).to(dtype)
+
+
+def image_transform(image_size: int):
+    """PIL image -> normalised [3, S, S] floats (evaluation and export parity; see square_uint8),
+    so an exported processor reproduces our pixels (to float rounding; tests/test_export_tool.py)."""
 
     def transform(img) -> torch.Tensor:
-        pixels = F.resize(F.pil_to_tensor(img.convert("RGB")), [image_size, image_size],
-                          interpolation=InterpolationMode.BICUBIC, antialias=True)
-        return (pixels.float() / 255.0 - mean) / std
+        return normalize_pixels(square_uint8(img.convert("RGB"), image_size))
 
     return transform
 
@@ -75,12 +93,14 @@ def open_image(data: bytes, size: int, limits: Limits):
 
 
 class MediaDecoder:
-    """Media -> pixels: an image [3, S, S], a video [frames, 3, S, S] (frames spread evenly over
-    the clip, repeated when it has fewer); BadSample when it cannot be used."""
+    """Media -> uint8 pixels: an image [3, S, S], a video [frames, 3, S, S] (frames spread evenly
+    over the clip, repeated when it has fewer); BadSample when it cannot be used."""
 
     def __init__(self, image_size: int, frames: int = 0, limits: Limits | None = None):
         self.image_size, self.frames, self.limits = image_size, frames, limits or Limits()
-        self.transform = image_transform(image_size)
+
+    def transform(self, img) -> torch.Tensor:
+        return square_uint8(img.convert("RGB"), self.image_size)
 
     def __call__(self, media: Media) -> torch.Tensor:
         if not media.video:
@@ -173,7 +193,7 @@ class Processor:
                 positions[at: at + len(e.ids)] = torch.arange(len(e.ids))
                 labels[at] = IGNORE_INDEX  # a document's first token is not predicted from another's
             at += len(e.ids)
-        pv = torch.zeros(N, *self.media_shape())
+        pv = torch.zeros(N, *self.media_shape(), dtype=torch.uint8)
         media = [p for e in packed for p in e.pixels]
         for k, p in enumerate(media):
             pv[k] = p
