@@ -33,14 +33,17 @@ LAYOUT_TOL = 1e-5  # fp32: layouts differ only in reduction order (seen: <= 4e-7
 
 @pytest.fixture(scope="module")
 def matrix_runs(synthetic_corpus, tmp_path_factory):
-    """Run the whole matrix once; the same global batch (8 sequences) in every layout."""
+    """Run the whole matrix once; the same global batch in every layout: micro-batch slots 0 and 1
+    (4 sequences each, from data streams 0 and 1), as 2 accumulated micro-batches at DP=1 and one
+    per rank at DP=2."""
     out = {}
     for stage, tp, dp in MATRIX:
         run_dir = str(tmp_path_factory.mktemp(f"z{stage}tp{tp}dp{dp}"))
         launch(["deepspeed", "--num_gpus", str(tp * dp), "--master_port", str(29600 + len(out)),
                 "flamingo_dist/train.py", "--deepspeed", f"ds_configs/zero{stage}.json",
                 "--set", "train.steps=12", "--set", "train.precision=fp32",
-                "--set", f"train.micro_batch_size={8 // dp}", "--set", f"parallel.tensor_parallel_size={tp}",
+                "--set", "train.micro_batch_size=4", "--set", f"train.grad_accum_steps={2 // dp}",
+                "--set", "data.streams=2", "--set", f"parallel.tensor_parallel_size={tp}",
                 "--set", f"data.synthetic_dir={synthetic_corpus}", "--set", f"tracking.run_dir={run_dir}",
                 "--set", "tracking.mlflow=false"], cwd=REPO)
         out[(stage, tp, dp)] = metrics(run_dir)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU-only checks and benchmarks, in one call on a lent GPU machine (see /work/.library/device):
 # the entry point under torchrun with nccl, then tools/benchmark.py on the debug flavor (bf16 and
-# fp32) and on the 3b flavor (random weights, bf16, ZeRO-2). Needs the wheels in .whl/ (deepspeed,
+# fp32), on the 3b flavor (random weights, bf16, ZeRO-2), and the data loader per worker. Needs the wheels in .whl/ (deepspeed,
 # megatron-core, open_clip, webdataset and their missing deps). Results land in $OUT.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -32,3 +32,7 @@ if [ "${SKIP_BIG:-0}" != 1 ]; then
     --warmup 3 --steps 10 --out "$OUT/bench_3b_bf16.json" > "$OUT/bench_3b_bf16.log" 2>&1
   echo "exit $?"; tail -20 "$OUT/bench_3b_bf16.log"
 fi
+
+echo "== data loading per worker process (this machine's CPU)"
+timeout 120 python3 tools/bench_data.py --num 256 --out "$OUT/bench_data.json" > "$OUT/bench_data.log" 2>&1
+echo "exit $?"; grep -E "images_per_s|samples_per_s" "$OUT/bench_data.log"
