@@ -71,7 +71,18 @@ def test_mmc4_images_go_with_their_sentence_before_or_after_it(tmp_path, tokeniz
     orders = set()
     for seed in range(40):
         doc = parse("mmc4", {**sample}, random.Random(seed), min_sim=0.24, image_after_text_p=0.5)
-        layout = tuple("I" if isinstance(it, Media) else it.strip() for it in doc.items)
+        layout = []  # "I" per image, then each sentence (adjacent sentences share one text item)
+        for it in doc.items:
+            if isinstance(it, Media):
+                layout.append("I")
+                continue
+            rest = it.strip()
+            for sentence in ("first sentence .", "second sentence .", "third ."):
+                if rest.startswith(sentence):
+                    layout.append(sentence)
+                    rest = rest[len(sentence):].strip()
+            assert rest == "", it
+        layout = tuple(layout)
         orders.add(layout)
         assert layout.count("I") == 2  # the third image is under the threshold
         s0, s1 = layout.index("first sentence ."), layout.index("second sentence .")
@@ -80,6 +91,11 @@ def test_mmc4_images_go_with_their_sentence_before_or_after_it(tmp_path, tokeniz
     assert len(orders) == 4  # before/after independently for each image
     never = parse("mmc4", {**sample}, random.Random(0), min_sim=0.24, image_after_text_p=0.0)
     assert isinstance(never.items[0], Media)
+    always = parse("mmc4", {**sample}, random.Random(0), min_sim=0.24, image_after_text_p=1.0)
+    assert always.items[0] == "first sentence ." and always.items[2] == "second sentence ."
+    assert always.items[4] == "third ."  # sentences stay whole; adjacent ones are joined by a space
+    never_text = [it for it in never.items if isinstance(it, str)]
+    assert never_text[-1] == "second sentence . third ."
 
 
 def test_video_frames_are_spread_over_the_clip(tmp_path):

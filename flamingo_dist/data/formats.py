@@ -178,6 +178,13 @@ def _text(value, where: str) -> str:
 
 
 def _check_document(doc: Document) -> Document:
+    merged: list[Item] = []  # adjacent texts become one, joined by a space (the layout strips each text's ends)
+    for item in doc.items:
+        if isinstance(item, str) and merged and isinstance(merged[-1], str):
+            merged[-1] = merged[-1].rstrip(" ") + " " + item.lstrip(" ")
+        else:
+            merged.append(item)
+    doc.items = merged
     if not any(isinstance(it, Media) for it in doc.items):
         raise BadSample("no_image", doc.key)
     if not any(isinstance(it, str) and it.strip() for it in doc.items):
@@ -236,8 +243,7 @@ def parse_mmc4(sample: dict, min_sim: float, image_after_text_p: float, rng: ran
     items: list[Item] = []
     for i, sentence in enumerate(sentences):
         items.extend(before.get(i, []))
-        text = _text(sentence, f"{key}.json text_list[{i}]")
-        items.append(text if not items or isinstance(items[-1], Media) else " " + text)
+        items.append(_text(sentence, f"{key}.json text_list[{i}]"))
         items.extend(after.get(i, []))
     return _check_document(Document(items, key))
 
