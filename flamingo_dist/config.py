@@ -223,13 +223,13 @@ class DataConfig:
     tokenizer: Optional[str] = None
     """Tokenizer directory; defaults to lm.path, or for a random LM to the synthetic corpus's
     bundled tokenizer."""
-    seq_len: int = 64
-    """Tokens per training sequence (the paper: 256)."""
-    max_images: int = 3
-    """Media (images or videos) per sequence (the paper: 5); further media of a document are
-    dropped with the text before the next one."""
-    image_size: int = 32
-    """Square side the images are resized to; must match the vision encoder."""
+    seq_len: int = 256
+    """Tokens per training sequence (the paper's 256; the debug flavor uses 64)."""
+    max_images: int = 5
+    """Media (images or videos) per sequence (the paper's 5; debug: 3); further media of a
+    document are dropped with the text before the next one."""
+    image_size: int = 224
+    """Square side the images are resized to; must match the vision encoder (debug: 32)."""
     frames_per_video: int = 8
     """Frames taken, evenly spread, from each video (video sources)."""
     pack: bool = True

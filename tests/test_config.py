@@ -111,3 +111,24 @@ def test_entry_point_import_is_lean():
 def test_missing_deepspeed_config_is_an_error():
     code, err = run_train("--deepspeed", "ds_configs/nope.json")
     assert code == 2 and "ds_configs/nope.json" in err
+
+
+def test_data_sources_are_checked_entry_by_entry():
+    bad = ("data.sources=[{name: a, format: laion, shards: x}, {name: a, shards: y, weight: 0, colour: red}, "
+           "{name: v, format: video, shards: z}, {format: pairs}]")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [bad, "data.streams=3"])
+    msg = str(e.value)
+    for part in ("data.sources[0].format: 'laion' is not one of obelics, mmc4, pairs, video",
+                 "data.sources[1].colour: unknown field", "data.sources[1].weight: must be positive",
+                 "data.sources[2]: a video source needs model.resampler.max_frames >= data.frames_per_video (0 < 8)",
+                 "data.sources[3].name: required", "data.sources[3].shards: required",
+                 "data.sources: names must be unique"):
+        assert part in msg, (part, msg)
+    with pytest.raises(ConfigError, match=r"data.streams \(3\) must be a multiple of data-parallel size x loader "
+                                          r"workers \(2 x 1\)"):
+        validate(load_config(None, ["data.streams=3"]), world_size=2)
+    ok = load_config(None, ["data.sources=[{name: a, shards: x, micro_batch_size: 0}]", "train.micro_batch_size=6"])
+    from flamingo_dist.config_load import source_configs
+
+    assert [(s.name, s.format, s.micro_batch_size, s.weight) for s in source_configs(ok)] == [("a", "obelics", 6, 1.0)]
