@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from flamingo_dist.config import JobConfig
 from flamingo_dist.data.layout import labelled_tokens
+from flamingo_dist.data.processing import normalize_pixels
 
 # Fault injection for tests: "STEP:RANK" or "FIRST-LAST:RANK" makes RANK's loss NaN at those
 # optimizer steps (1-based).
@@ -319,8 +320,6 @@ class Trainer:
 
     def _forward(self, batch: dict):
         """(mean token loss, stats) of one micro-batch on the device."""
-        from flamingo_dist.data.processing import normalize_pixels
-
         b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         pixels = normalize_pixels(b["pixel_values"])  # the loader ships uint8: normalised here, on the device
         return self.engine(b["input_ids"], pixels, b["image_attention_mask"], position_ids_BT=b["position_ids"],

@@ -8,6 +8,7 @@ digest of its shard list, "states": {stream: state after its last consumed batch
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -145,8 +146,7 @@ class DataFeed:
         With at least dp shards each rank reads its own; otherwise every rank reads the one
         stream and keeps every dp-th batch."""
         d = self.cfg.data
-        val = Source(source.name, source.format, val_shards, source.weight, source.micro_batch_size, None,
-                     source.min_sim, source.image_after_text_p)
+        val = dataclasses.replace(source, shards=val_shards)
         proc = processor_for(self.cfg, self.tok, source)
         if len(val_shards) >= self.dp_size:
             stream = Stream(val, proc, self.dp_rank, self.dp_size, self.cfg.train.seed, initial_state(), d.pack)
@@ -171,7 +171,7 @@ def resolve_sources(cfg: JobConfig, synthetic_dir: Optional[str] = None,
     for sc in source_configs(cfg):
         spec = sc.shards or synthetic_dir
         where = f"data.sources[{sc.name}].shards" if cfg.data.sources else "data.shards"
-        sources.append(Source(sc.name, sc.format, list_shards(spec, where), sc.weight, sc.micro_batch_size, None,
+        sources.append(Source(sc.name, sc.format, list_shards(spec, where), sc.weight, sc.micro_batch_size,
                               sc.min_sim, sc.image_after_text_p))
         val_spec = sc.val_shards or (synthetic_val_dir if not cfg.data.sources and not cfg.data.shards else None)
         if val_spec:

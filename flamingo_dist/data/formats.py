@@ -33,7 +33,7 @@ import os
 import random
 import re
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Union
 
 FORMATS = ("obelics", "mmc4", "pairs", "video")
@@ -68,7 +68,6 @@ Item = Union[str, Media]
 class Document:
     items: list[Item]
     key: str = ""
-    meta: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- tar reading
@@ -255,12 +254,13 @@ def parse_pair(sample: dict) -> Document:
         raise BadSample("missing_key", f"{key}: no image member (.{'/.'.join(IMAGE_EXTS)})")
     if "txt" not in sample:
         raise BadSample("missing_key", f"{key}: no .txt caption")
-    meta = _json(sample) if "json" in sample else {}
+    if "json" in sample:
+        _json(sample)  # metadata only, but it must parse
     try:
         caption = sample["txt"].decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadSample("no_text", f"{key}.txt: {e}") from None
-    return _check_document(Document([Media([sample[ext]], name=ext), caption], key, meta))
+    return _check_document(Document([Media([sample[ext]], name=ext), caption], key))
 
 
 def parse_video(sample: dict) -> Document:

@@ -76,7 +76,6 @@ class Source:
     shards: list[str]
     weight: float = 1.0
     micro_batch_size: int = 1
-    val_shards: Optional[list[str]] = None
     min_sim: float = 0.24
     image_after_text_p: float = 0.5
 

@@ -36,9 +36,9 @@ def square_uint8(img, image_size: int) -> torch.Tensor:
     import torchvision.transforms.v2.functional as F
     from torchvision.transforms import InterpolationMode
 
-    # a strided view of the HWC array: no copy, and the resize gives the same bytes as for a
-    # contiguous CHW tensor (tests/test_data_formats.py)
-    hwc = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+    # the resize reads the HWC array through a permuted view (no CHW copy) and gives the same
+    # bytes as torchvision's contiguous path (tests/test_data_formats.py)
+    hwc = torch.from_numpy(np.array(img, dtype=np.uint8))
     return F.resize(hwc.permute(2, 0, 1), [image_size, image_size], interpolation=InterpolationMode.BICUBIC,
                     antialias=True).contiguous()
 
@@ -71,7 +71,7 @@ class Limits:
 
 
 def open_image(data: bytes, size: int, limits: Limits):
-    """Decoded RGB PIL image of encoded bytes, or BadSample. JPEGs are decoded in draft mode (the
+    """The decoded PIL image of encoded bytes (any mode), or BadSample. JPEGs are decoded in draft mode (the
     decoder's own 1/2..1/8 scaling) when that still leaves at least `size` pixels per side."""
     from PIL import Image
 
@@ -111,7 +111,7 @@ class MediaDecoder:
 
             img = open_image(media.frames[0], self.image_size, self.limits)
             try:
-                frames = [self.transform(f.convert("RGB")) for f in ImageSequence.Iterator(img)]
+                frames = [self.transform(f) for f in ImageSequence.Iterator(img)]
             except (OSError, ValueError) as e:
                 raise BadSample("undecodable_image", f"{media.name}: {e}") from None
         n = len(frames) if frames is not None else len(media.frames)
@@ -121,6 +121,27 @@ class MediaDecoder:
             decoded = {p: self.transform(open_image(media.frames[p], self.image_size, self.limits)) for p in set(picks)}
             return torch.stack([decoded[p] for p in picks])
         return torch.stack([frames[p] for p in picks])
+
+
+def decode_document_media(doc: Document, decode: MediaDecoder, max_media: int | None = None):
+    """(items, pixels, failures): the document's items with undecodable media left out (and
+    those past `max_media`, with the text after them up to the next media), the decoded media,
+    and the BadSample of each media left out. A document left with no media is bad, under the
+    reason of its first failure."""
+    items, pixels, failures = [], [], []
+    for item in doc.items:
+        if isinstance(item, Media):
+            if max_media is not None and len(pixels) == max_media:
+                break  # the text up to the next media stays
+            try:
+                pixels.append(decode(item))
+            except BadSample as e:
+                failures.append(e)
+                continue
+        items.append(item)
+    if not pixels:
+        raise failures[0] if failures else BadSample("no_image", doc.key)
+    return items, pixels, failures
 
 
 @dataclass
@@ -152,19 +173,7 @@ class Processor:
     def encode(self, doc: Document) -> Encoded:
         """Decode the media (an undecodable one is dropped; a document left with none is bad,
         under the reason of its first failure), then tokenize and truncate."""
-        items, pixels, failures = [], [], []
-        for item in doc.items:
-            if isinstance(item, Media):
-                if len(pixels) == self.max_images:
-                    break  # the text up to the next media stays
-                try:
-                    pixels.append(self.decode(item))
-                except BadSample as e:
-                    failures.append(e)
-                    continue
-            items.append(item)
-        if not pixels:
-            raise failures[0] if failures else BadSample("no_image", doc.key)
+        items, pixels, failures = decode_document_media(doc, self.decode, self.max_images)
         text, _ = document_text(items, self.tok.bos_token, self.tok.eos_token)
         ids = self.tok(text, add_special_tokens=False)["input_ids"][: self.seq_len]
         seen = sum(1 for t in ids if t == self.image_id)  # media that survived truncation

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from flamingo_dist.data.formats import REASONS, BadSample, Media, parse, read_shard
+from flamingo_dist.data.formats import REASONS, BadSample, parse, read_shard
 
 
 @dataclass
@@ -171,7 +171,7 @@ class CheckReport:
 
 def check_shards(paths: list[str], fmt: str, image_size: int = 224, frames: int = 8, min_sim: float = 0.24,
                  limits=None) -> CheckReport:
-    from flamingo_dist.data.processing import MediaDecoder
+    from flamingo_dist.data.processing import MediaDecoder, decode_document_media
 
     decode = MediaDecoder(image_size, frames if fmt == "video" else 0, limits)
     rep = CheckReport(shards=len(paths))
@@ -183,18 +183,9 @@ def check_shards(paths: list[str], fmt: str, image_size: int = 224, frames: int 
                 if isinstance(sample, BadSample):
                     raise sample
                 doc = parse(fmt, sample, random.Random(index), min_sim, 0.0)
-                media = [it for it in doc.items if isinstance(it, Media)]
-                failures, ok = [], 0
-                for m in media:
-                    try:
-                        decode(m)
-                        ok += 1
-                    except BadSample as e:
-                        failures.append(e)
-                if not ok:
-                    raise failures[0]
+                _, pixels, _ = decode_document_media(doc, decode)
                 mine["good"] += 1
-                rep.images += ok
+                rep.images += len(pixels)
             except BadSample as e:
                 mine["skipped"][e.reason] += 1
                 rep.examples.setdefault(e.reason, [])

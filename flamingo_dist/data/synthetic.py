@@ -84,28 +84,23 @@ def make_document(rng: random.Random, max_images: int = 3, side: int = 32) -> tu
 def write_corpus(out_dir: str, num_docs: int = 256, docs_per_shard: int = 64, seed: int = 0,
                  side: int = 32, vocab_size: int = VOCAB_SIZE) -> list[str]:
     """Write tokenizer/ and shard-NNNNN.tar files to out_dir; returns the shard paths."""
-    import webdataset as wds
+    from flamingo_dist.data.shards import ShardWriter
 
     os.makedirs(out_dir, exist_ok=True)
     build_tokenizer(os.path.join(out_dir, "tokenizer"), vocab_size)
     rng = random.Random(seed)
-    paths = []
-    for s in range(0, num_docs, docs_per_shard):
-        path = os.path.join(out_dir, f"shard-{s // docs_per_shard:05d}.tar")
-        tmp = path + ".tmp"
-        with wds.TarWriter(tmp) as sink:
-            for i in range(s, min(s + docs_per_shard, num_docs)):
-                items, images = make_document(rng, side=side)
-                texts = [None if it in images else it for it in items]
-                names = [it if it in images else None for it in items]
-                sample = {"__key__": f"doc{i:06d}", "json": json.dumps({"texts": texts, "images": names})}
-                for name, img in images.items():
-                    buf = io.BytesIO()
-                    img.save(buf, format="PNG")
-                    sample[name] = buf.getvalue()
-                sink.write(sample)
-        os.replace(tmp, path)  # a crash never leaves a half-written shard behind
-        paths.append(path)
+    writer = ShardWriter(out_dir, "shard", docs_per_shard)  # a crash never leaves a half-written shard behind
+    for i in range(num_docs):
+        items, images = make_document(rng, side=side)
+        texts = [None if it in images else it for it in items]
+        names = [it if it in images else None for it in items]
+        sample = {"__key__": f"doc{i:06d}", "json": json.dumps({"texts": texts, "images": names})}
+        for name, img in images.items():
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            sample[name] = buf.getvalue()
+        writer.write(sample)
+    paths = writer.close().shards
     with open(os.path.join(out_dir, "DONE"), "w") as f:
         json.dump(_recipe(num_docs, seed, side, vocab_size), f)
     return paths
