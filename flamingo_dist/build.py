@@ -64,7 +64,8 @@ def build_model(cfg: ModelConfig, tp_group: dist.ProcessGroup, seed: int,
     blocks = {}
     for i in xattn_layer_indices(cfg):
         block = GatedCrossAttentionBlock(cfg.lm.hidden_size, vision.width, cfg.lm.num_heads, cfg.lm.intermediate_size,
-                                         cfg.lm.rms_norm_eps, cfg.xattn.alpha_type, cfg.xattn.qk_layer_norms, linears)
+                                         cfg.lm.rms_norm_eps, cfg.xattn.alpha_type, cfg.xattn.qk_layer_norms, linears,
+                                         cfg.xattn.alpha_init)
         init_sharded_linears_(block, torch.Generator().manual_seed(seed + 100 + i), tp_rank, tp_size)
         blocks[i] = block
     model = Flamingo(vision, resampler, lm, blocks, r.num_latents)
@@ -77,8 +78,12 @@ def build_model(cfg: ModelConfig, tp_group: dist.ProcessGroup, seed: int,
 
 
 def resolve_model_config(cfg: ModelConfig) -> list[str]:
-    """Fill shapes from the checkpoints the config points at; returns notes on replaced values."""
+    """Point model.lm.path and model.vision.pretrained at built synthetic backbones (the field is
+    then cleared: a checkpoint's config names the weights it used), and fill shapes from the
+    checkpoints the config points at; returns notes on replaced values."""
+    from flamingo_dist.demo.backbones import use_backbones
     from flamingo_dist.hf_llama import resolve_lm_config
     from flamingo_dist.import_idefics import resolve_idefics_config
 
-    return resolve_idefics_config(cfg) if cfg.init_from else resolve_lm_config(cfg.lm)
+    notes = use_backbones(cfg) if cfg.synthetic_backbones else []
+    return notes + (resolve_idefics_config(cfg) if cfg.init_from else resolve_lm_config(cfg.lm))

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
+LR_GROUPS = ("gates", "resampler", "xattn", "embeddings")  # the kinds of train.lr_scales (flamingo_dist/optim.py)
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message lists every problem found."""
 
@@ -106,6 +109,9 @@ class XAttnConfig:
     """Layer indices for `placement: explicit`."""
     alpha_type: str = "float"
     """Gate shape: `float` (one scalar per gate) or `vector` (one per channel)."""
+    alpha_init: float = 0.0
+    """Initial alpha of every gate (tanh(alpha) scales the block's output). 0, the paper's choice,
+    makes the initial model exactly the frozen LM."""
     qk_layer_norms: bool = False
     """RMSNorm on queries and keys per head."""
 
@@ -126,6 +132,12 @@ class ModelConfig:
     """A transformers IDEFICS checkpoint directory (IdeficsForVisionText2Text) to start from:
     every weight, every shape above and the tokenizer come from it (shape fields given here are
     reported and replaced). Excludes model.lm.path and model.vision.pretrained."""
+    synthetic_backbones: Optional[str] = None
+    """Directory of the tiny LM and ViT pretrained on the synthetic corpus for this LM shape and
+    vision tower (flamingo_dist/demo/backbones.py), built there by the first run that needs them
+    (about a minute on 2 CPU cores; `tools/build_backbones.py` builds them ahead): model.lm.path
+    and model.vision.pretrained then point into it. The debug flavor sets `data/backbones`; null
+    means a random LM and ViT. Excludes model.lm.path, model.vision.pretrained and init_from."""
 
 
 @dataclass
@@ -156,6 +168,10 @@ class TrainConfig:
     """After warm-up: `cosine` decay to min_lr_ratio * lr over the remaining steps, or `constant`."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay; not applied to norms, gates, biases, latents and embeddings."""
+    lr_scales: dict = field(default_factory=dict)
+    """Multipliers of the learning rate per kind of trainable parameter: `gates` (the alphas of
+    the tanh gates), `resampler`, `xattn` (the cross-attention blocks' other weights),
+    `embeddings` (the new tokens' decoupled embedding and head); a kind not named gets 1."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     eps: float = 1e-8
@@ -219,7 +235,9 @@ class DataConfig:
     synthetic_dir: str = "data/synthetic"
     """Where the synthetic corpus lives (relative paths are from the working directory)."""
     synthetic_num_docs: int = 256
-    """Documents in the generated synthetic corpus."""
+    """Documents in the generated synthetic corpus (each with 1 to data.max_images images)."""
+    synthetic_val_docs: int = 64
+    """Documents in the synthetic corpus' held-out part (generated when validation is on)."""
     tokenizer: Optional[str] = None
     """Tokenizer directory; defaults to lm.path, or for a random LM to the synthetic corpus's
     bundled tokenizer."""
@@ -306,6 +324,9 @@ class EvalConfig:
 
     every_steps: int = 0
     """Evaluate every this many optimizer steps; 0 disables."""
+    at_start: bool = False
+    """Also validate (data.val_every_steps) and evaluate (eval.every_steps) before the first step
+    of a fresh run: the baseline of the curves."""
     synthetic: bool = False
     """Evaluate on the project's synthetic suite (captioning, VQA, HatefulMemes of shapes),
     written to <run_dir>/eval_tasks when missing; for debug models."""
@@ -323,6 +344,15 @@ class EvalConfig:
     """Generation length for captions and answers."""
     num_beams: int = 3
     """Beam search width for captions and answers (OpenFlamingo's 3); 1 is greedy decoding."""
+    synthetic_tasks: list[str] = field(default_factory=list)
+    """The tasks of the synthetic suite to run (synthetic_captions, synthetic_vqa_color,
+    synthetic_vqa_shape, synthetic_memes, synthetic_shapes); empty means all."""
+    attribute_words: dict = field(default_factory=dict)
+    """Word groups (name -> words, each one token) whose next-token top-1 accuracy on the
+    validation batches is measured at every validation with the true images, with images
+    shuffled across documents and with no images (val/accuracy/<true|shuffled|no>_images/<group>;
+    flamingo_dist/eval/attributes.py). Empty: the synthetic corpus' colour, shape and size words
+    when training on it, else none."""
 
 
 @dataclass

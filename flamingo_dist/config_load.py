@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import yaml
 
-from flamingo_dist.config import ConfigError, JobConfig, SourceConfig
+from flamingo_dist.config import LR_GROUPS, ConfigError, JobConfig, SourceConfig
 
 
 def _merge(obj: Any, values: dict, prefix: str, errors: list[str]) -> None:
@@ -57,6 +57,9 @@ def config_from_dict(values: dict) -> JobConfig:
     from flamingo_dist.flavors import get_flavor
 
     cfg = get_flavor(values.get("flavor", "debug"))
+    # A saved config names the weights it used; one from before model.synthetic_backbones existed
+    # must not pick up the flavor's backbones in place of its own (random) LM.
+    cfg.model.synthetic_backbones = None
     errors: list[str] = []
     _merge(cfg, values, "", errors)
     validate(cfg, errors)
@@ -188,6 +191,11 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
             errors.append(f"model.init_from: {init} is not a directory")
         if lm.path is not None or cfg.model.vision.pretrained is not None:
             errors.append("model.init_from: excludes model.lm.path and model.vision.pretrained (it holds all weights)")
+    given = [name for name, value in (("model.lm.path", lm.path), ("model.vision.pretrained", cfg.model.vision.pretrained),
+                                      ("model.init_from", init)) if value is not None]
+    if cfg.model.synthetic_backbones is not None and given:
+        errors.append(f"model.synthetic_backbones ({cfg.model.synthetic_backbones}, the debug flavor's default) excludes "
+                      f"{', '.join(given)}: set model.synthetic_backbones=null to use your own weights")
     need(tp >= 1, "parallel.tensor_parallel_size: must be >= 1")
     if tp >= 1 and lm.num_heads > 0:
         need(lm.num_heads % tp == 0,
@@ -225,6 +233,9 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
     need(t.warmup_steps >= 0, "train.warmup_steps: must be >= 0")
     need(t.schedule in ("cosine", "constant"), f"train.schedule: {t.schedule!r} is not cosine or constant")
     need(t.weight_decay >= 0, "train.weight_decay: must be >= 0")
+    bad_scales = {k: v for k, v in t.lr_scales.items()
+                  if k not in LR_GROUPS or not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0}
+    need(not bad_scales, f"train.lr_scales: {bad_scales} (keys: {', '.join(LR_GROUPS)}; values > 0)")
     need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas: two values in [0, 1)")
     need(t.grad_clip >= 0, "train.grad_clip: must be >= 0")
     need(t.z_loss >= 0, "train.z_loss: must be >= 0")
@@ -261,6 +272,7 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
     need(d.val_every_steps == 0 or any(s.val_shards for s in sources) or (not d.sources and d.shards is None),
          "data.val_every_steps: no source has val_shards")
     need(d.synthetic_num_docs >= 1, "data.synthetic_num_docs: must be >= 1")
+    need(d.synthetic_val_docs >= 1, "data.synthetic_val_docs: must be >= 1")
     if d.tokenizer is not None and not os.path.isdir(d.tokenizer):
         errors.append(f"data.tokenizer: {d.tokenizer} is not a directory")
     ev = cfg.eval
@@ -273,5 +285,12 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
         errors.append(f"eval.tasks_file: {ev.tasks_file} is not a file")
     need(ev.every_steps == 0 or ev.synthetic or ev.tasks_file is not None,
          "eval.every_steps: set eval.synthetic or eval.tasks_file (nothing to evaluate)")
+    from flamingo_dist.eval.tasks import SYNTHETIC_TASKS
+
+    unknown = [n for n in ev.synthetic_tasks if n not in SYNTHETIC_TASKS]
+    need(not unknown, f"eval.synthetic_tasks: {unknown} not in the synthetic suite ({', '.join(SYNTHETIC_TASKS)})")
+    bad_groups = [k for k, v in ev.attribute_words.items()
+                  if not (isinstance(v, list) and v and all(isinstance(w, str) for w in v))]
+    need(not bad_groups, f"eval.attribute_words: {bad_groups} must each map to a non-empty list of words")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

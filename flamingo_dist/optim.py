@@ -10,21 +10,35 @@ from torch import nn
 from flamingo_dist.config import TrainConfig
 
 _NO_DECAY = ("norm", "alpha_", "latents", "bias", "new_embed", "embed", "frame_embs")
+def lr_group(name: str) -> str:
+    """Which train.lr_scales entry (config.LR_GROUPS) a trainable parameter follows."""
+    if "alpha_" in name:
+        return "gates"
+    if name.startswith("resampler."):
+        return "resampler"
+    if ".xattn." in name:
+        return "xattn"
+    return "embeddings"  # the decoupled embeddings and head of the new tokens
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict | None = None) -> list[dict]:
     """Trainable parameters only: decay on projection matrices; none on norms, gates, biases,
-    resampler latents and embeddings (decaying those only shrinks them towards zero)."""
-    decay, no_decay = [], []
+    resampler latents and embeddings (decaying those only shrinks them towards zero). Each group
+    carries `lr_scale` (train.lr_scales of its parameters' kind; groups with the same scale and
+    decay are one group, so the default is two groups: decay, no decay)."""
+    scales = lr_scales or {}
+    groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or any(k in name for k in _NO_DECAY) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = 0.0 if p.ndim < 2 or any(k in name for k in _NO_DECAY) else weight_decay
+        groups.setdefault((float(scales.get(lr_group(name), 1.0)), decay), []).append(p)
+    order = sorted(groups, key=lambda k: (k[0] != 1.0, k[1] == 0.0, k[0]))  # the base rate with decay first
+    return [{"params": groups[k], "weight_decay": k[1], "lr_scale": k[0]} for k in order]
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    groups = [g for g in param_groups(model, t.weight_decay) if g["params"]]
+    groups = [dict(g, lr=t.lr * g["lr_scale"]) for g in param_groups(model, t.weight_decay, t.lr_scales)]
     return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, foreach=False)
 
 

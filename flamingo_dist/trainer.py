@@ -71,16 +71,20 @@ class Trainer:
         from flamingo_dist.build import build_model, resolve_model_config
         from flamingo_dist.data.feed import DataFeed
         from flamingo_dist.ds_config import resolve_ds_config
+        from flamingo_dist.eval.attributes import attribute_ids
         from flamingo_dist.hf_llama import load_tokenizer
         from flamingo_dist.parallel import MegatronMPU, dp_group, tp_group
         from flamingo_dist.parallelize import parallelize
 
         cfg, lay = self.cfg, self.layout
+        self.synthetic_backbones = cfg.model.synthetic_backbones  # resolving points the LM and ViT into it
+        self._on_writers(self._build_backbones)
         for note in resolve_model_config(cfg.model):
             self.log(note)
         ds_config = self.ds_config = resolve_ds_config(self.ds_config_path, cfg, lay.dp_size)
         self.sources, self.val_shards, tok_dir = self._data_sources()
         self.tokenizer = load_tokenizer(tok_dir, cfg.model.lm.vocab_size)
+        self.attribute_ids = attribute_ids(cfg, self.tokenizer)
         self.model = build_model(cfg.model, tp_group(), cfg.train.seed, _dtype(cfg))
         if self.model.vision.image_size != cfg.data.image_size:
             raise ValueError(f"data.image_size ({cfg.data.image_size}) must equal the vision encoder's "
@@ -170,7 +174,8 @@ class Trainer:
                 if lay.rank == 0:
                     eval_tasks.synthetic_suite(where)
                 dist.barrier()
-                suite.update(eval_tasks.synthetic_suite(where))
+                suite.update({n: t for n, t in eval_tasks.synthetic_suite(where).items()
+                              if not ev.synthetic_tasks or n in ev.synthetic_tasks})
             if ev.tasks_file:
                 import yaml
 
@@ -199,12 +204,17 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Collective: validation loss of every source that has held-out shards (the same
-        micro-batches every time), val/loss/<source> and their weighted sum val/loss."""
+        micro-batches every time), val/loss/<source> and their weighted sum val/loss; with
+        attribute words, their accuracy with true, shuffled and no images
+        (val/accuracy/<condition>_images/<group>, all sources' batches together)."""
+        from flamingo_dist.eval.attributes import attribute_accuracy
+
         if self._val_batches is None:
             self._val_batches = {src.name: self.feed.validation_batches(src, self.val_shards[src.name])
                                  for src in self.sources if src.name in self.val_shards}
         with_val = [src for src in self.sources if src.name in self._val_batches]
         sums = torch.zeros(len(with_val), 2, dtype=torch.float64, device=self.device)
+        acc: dict = {}
         was_training = self.model.training
         self.model.eval()
         try:
@@ -215,6 +225,9 @@ class Trainer:
                         loss, _ = self._forward(batch)
                         sums[i] += torch.tensor([loss.item() * tokens, float(tokens)], dtype=torch.float64,
                                                 device=self.device)
+                if self.attribute_ids:
+                    batches = [b for src in with_val for b in self._val_batches[src.name]]
+                    acc = attribute_accuracy(self._logits, batches, self.attribute_ids, self.dp_group, self.device)
         finally:
             self.model.train(was_training)
             self.model.vision.eval()
@@ -223,8 +236,18 @@ class Trainer:
         losses = (sums[:, 0] / sums[:, 1].clamp(min=1.0)).tolist()
         out = {f"val/loss/{src.name}": v for src, v in zip(with_val, losses)}
         out["val/loss"] = sum(src.weight * v for src, v in zip(with_val, losses))
+        for key, value in acc.items():  # true/color -> val/accuracy/true_images/color, majority/color as it is
+            kind, group = key.split("/", 1)
+            if kind != "count":
+                out[f"val/accuracy/{kind if kind == 'majority' else kind + '_images'}/{group}"] = value
         self.log(f"validation at step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
+
+    def _logits(self, batch: dict) -> torch.Tensor:
+        """Full-vocabulary logits of one micro-batch (gathered over TP)."""
+        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return self.model.logits(b["input_ids"], normalize_pixels(b["pixel_values"]), b["image_attention_mask"],
+                                 position_ids_BT=b["position_ids"], document_ids_BT=b.get("document_ids"))
 
     def _stop_requested(self) -> bool:
         """Collective: did a stop signal reach any rank? (One all-reduce per step.)"""
@@ -234,31 +257,51 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
+    def _on_writers(self, write) -> None:
+        """Collective: `write()` on rank 0 first, then on the first rank of every other host (a
+        node-local directory gets its own copy; on a shared filesystem that rank finds rank 0's
+        complete one): never two writers at once."""
+        lay = self.layout
+        for writers in (lay.rank == 0, lay.local_rank == 0 and lay.rank != 0):
+            if writers:
+                write()
+            dist.barrier()
+
+    def _build_backbones(self) -> None:
+        from flamingo_dist.demo.backbones import ensure_backbones
+
+        if self.synthetic_backbones:
+            m = self.cfg.model
+            ensure_backbones(self.synthetic_backbones, m.lm, m.vision.model_name, self.cfg.data.image_size,
+                             log=self.log)
+
     def _data_sources(self):
         """(training sources, validation shards per source, tokenizer directory); the synthetic
         corpus (and its held-out part) is generated when no shards are configured."""
         from flamingo_dist.data.feed import resolve_sources
         from flamingo_dist.data.synthetic import ensure_corpus
 
-        d, lay = self.cfg.data, self.layout
+        d = self.cfg.data
         if d.sources or d.shards is not None:
             tok_dir = d.tokenizer or self.cfg.model.lm.path or self.cfg.model.init_from
             if tok_dir is None:
                 raise ValueError("data.tokenizer: needed when data shards are given and no checkpoint is")
             return (*resolve_sources(self.cfg), tok_dir)
-        if self.cfg.model.lm.path or self.cfg.model.init_from:
-            raise ValueError("data.shards: the synthetic corpus is only for random LMs; with a checkpoint "
-                             "give data.shards (its word tokenizer cannot stand in for the checkpoint's)")
+        if (self.cfg.model.lm.path or self.cfg.model.init_from) and not self.synthetic_backbones:
+            raise ValueError("data.shards: the synthetic corpus is only for random LMs and the synthetic backbones; "
+                             "with a checkpoint give data.shards (its word tokenizer cannot stand in for the "
+                             "checkpoint's)")
         vocab = self.cfg.model.lm.vocab_size
         val_dir = os.path.join(d.synthetic_dir, "val") if d.val_every_steps else None
-        # Rank 0 writes first; then the first rank of every other host, only if its directory is
-        # node-local (on a shared filesystem it finds rank 0's complete corpus): never two writers.
-        for writers in (lay.rank == 0, lay.local_rank == 0 and lay.rank != 0):
-            if writers:
-                ensure_corpus(d.synthetic_dir, d.synthetic_num_docs, seed=0, side=d.image_size, vocab_size=vocab)
-                if val_dir:
-                    ensure_corpus(val_dir, 32, seed=1, side=d.image_size, vocab_size=vocab, docs_per_shard=16)
-            dist.barrier()
+
+        def write():
+            ensure_corpus(d.synthetic_dir, d.synthetic_num_docs, seed=0, side=d.image_size, vocab_size=vocab,
+                          max_images=d.max_images)
+            if val_dir:
+                ensure_corpus(val_dir, d.synthetic_val_docs, seed=1, side=d.image_size, vocab_size=vocab,
+                              docs_per_shard=16, max_images=d.max_images)
+
+        self._on_writers(write)
         tok_dir = d.tokenizer or self.cfg.model.lm.path or os.path.join(d.synthetic_dir, "tokenizer")
         return (*resolve_sources(self.cfg, d.synthetic_dir, val_dir), tok_dir)
 
@@ -274,14 +317,15 @@ class Trainer:
         progress = Progress(t.steps, self.layout.rank, t.log_every)
         self._last_save = (self.state.step, time.time())
         try:
+            if self.cfg.eval.at_start and self.state.step == 0:
+                self._validate_and_log()
+                if self.cfg.eval.every_steps:
+                    self.evaluate()
             while self.state.step < t.steps:
                 metrics = self.train_step()
                 progress.update(self.state.step, metrics)
                 if self.cfg.data.val_every_steps and self.state.step % self.cfg.data.val_every_steps == 0:
-                    val = self.validate()
-                    self._write_metrics(val)
-                    if self.tracker is not None:
-                        self.tracker.log_metrics(val, self.state.step)
+                    self._validate_and_log()
                 if self.state.step % t.log_every == 0:
                     metrics.update(self.gate_values())  # a collective under ZeRO-3: same steps on all ranks
                     metrics.update(self.feed.counters())
@@ -309,6 +353,13 @@ class Trainer:
         finally:
             progress.close()
         return self.state
+
+    def _validate_and_log(self) -> None:
+        if self.cfg.data.val_every_steps:
+            val = self.validate()
+            self._write_metrics(val)
+            if self.tracker is not None:
+                self.tracker.log_metrics(val, self.state.step)
 
     def _write_metrics(self, metrics: dict) -> None:
         """Rank 0 appends one JSON line per logged step to run_dir/metrics.jsonl (machine-readable
@@ -346,7 +397,8 @@ class Trainer:
         t, eng, lay = self.cfg.train, self.engine, self.layout
         step = self.state.step + 1
         t0 = time.time()
-        lr = eng.get_lr()[0]  # the rate this step uses (the scheduler moves after an applied step)
+        # the base rate this step uses (the scheduler moves after an applied step); group 0 may be scaled
+        lr = eng.get_lr()[0] / eng.optimizer.param_groups[0].get("lr_scale", 1.0)
         batches = self.feed.step_batches(t.grad_accum_steps)
         n = len(self.sources)
         index = {src.name: i for i, src in enumerate(self.sources)}

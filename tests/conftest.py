@@ -16,3 +16,16 @@ def synthetic_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
     write_corpus(str(out), num_docs=64, docs_per_shard=16, seed=0)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def synthetic_backbones():
+    """The debug flavor's synthetic backbones where every trainer test and `make demo` find them
+    (the repository's data/backbones), built once when missing (about 45 s)."""
+    from flamingo_dist.config_load import load_config
+    from flamingo_dist.demo.backbones import ensure_backbones
+
+    cfg = load_config()
+    root = os.path.join(REPO, cfg.model.synthetic_backbones)
+    ensure_backbones(root, cfg.model.lm, cfg.model.vision.model_name, cfg.data.image_size)
+    return root

@@ -184,6 +184,7 @@ def test_resume_at_another_layout_restores_weights_and_moments(case, synthetic_c
 
 def _train_seeded(layout, corpus, run_dir, seed, resume):
     trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=4", f"train.seed={seed}",
+                           "model.synthetic_backbones=null",  # a random LM: the seed makes the base
                            *(["checkpoint.resume=auto"] if resume else []))
     if not resume:
         trainer.train_step()

@@ -29,6 +29,11 @@ def run_train(*args, env=None):
     (["model.lm.num_kv_heads=3"], "model.lm.num_kv_heads"),
     (["train.steps=ten"], "train.steps"),
     (["train.nonsense=1"], "train.nonsense"),
+    (["train.lr_scales={gate: 10}"], "train.lr_scales"),
+    (["train.lr_scales={gates: 0}"], "train.lr_scales"),
+    (["eval.synthetic_tasks=[synthetic_vqa]"], "eval.synthetic_tasks"),
+    (["eval.attribute_words={color: red}"], "eval.attribute_words"),
+    (["model.vision.pretrained=/some/vit.pt"], "model.synthetic_backbones"),
 ])
 def test_entry_point_fails_at_once_naming_the_field(sets, field):
     code, err = run_train("--deepspeed", "ds_configs/zero2.json", *[a for s in sets for a in ("--set", s)])

@@ -119,7 +119,7 @@ def test_evaluation_during_training_lands_in_the_mlflow_run(synthetic_corpus, tm
     run_dir = str(tmp_path / "run")
     run_id = run_distributed(_train_with_eval, 2, 1, tmp_path / "out", synthetic_corpus, run_dir)[0]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{os.path.join(run_dir, 'mlflow.db')}")
-    for name in ("eval/synthetic_captions/4shot_random", "eval/synthetic_vqa/0shot_random",
+    for name in ("eval/synthetic_captions/4shot_random", "eval/synthetic_vqa_color/0shot_random",
                  "eval/synthetic_memes/4shot_random"):
         assert [m.step for m in client.get_metric_history(run_id, name)] == [2, 4], name
     assert len(client.get_metric_history(run_id, "loss")) == 4  # beside the training loss, in one run

@@ -100,7 +100,7 @@ def test_stock_idefics_on_the_export_gives_our_logits(world1, tmp_path, alpha_ty
 @pytest.mark.parametrize("sets,reason", [
     (["model.lm.num_kv_heads=2"], "grouped-query attention"),
     (["model.xattn.cross_layer_interval=3"], "not a multiple of cross_layer_interval"),
-    (["model.xattn.placement=openflamingo"], "placement 'openflamingo'"),
+    (["model.xattn.placement=openflamingo", "model.xattn.cross_layer_interval=2"], "placement 'openflamingo'"),
     (["model.resampler.max_frames=8"], "video time embeddings"),
 ])
 def test_unrepresentable_models_are_refused_with_the_reason(world1, tmp_path, sets, reason):

@@ -98,7 +98,8 @@ def test_evaluating_the_export_and_its_checkpoint_gives_identical_scores(synthet
                     assert mine == pytest.approx(hf, rel=1e-4, abs=1e-6), (task, cfg)
                 else:  # generated text: identical
                     assert mine == hf, (task, cfg)
-    assert set(ours) == {"synthetic_captions", "synthetic_vqa", "synthetic_memes", "synthetic_shapes"}
+    assert set(ours) == {"synthetic_captions", "synthetic_vqa_color", "synthetic_vqa_shape", "synthetic_memes",
+                         "synthetic_shapes"}
     # the comparison is not vacuous: the model generates text and tells memes apart
     captions = [t for r in ours["synthetic_captions"].values() for p in r["predictions"] for t in p.values()]
     assert any(captions) and len(set(captions)) > 1

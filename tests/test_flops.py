@@ -14,7 +14,7 @@ def world1():
     destroy_distributed()
 
 
-@pytest.mark.parametrize("sets", [[], ["model.lm.num_kv_heads=2", "model.xattn.cross_layer_interval=1"]])
+@pytest.mark.parametrize("sets", [[], ["model.lm.num_kv_heads=2", "model.xattn.cross_layer_interval=2"]])
 def test_formula_matches_flop_counter(world1, sets):
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -54,7 +54,9 @@ def _model_and_prompt(layout):
 
     from flamingo_dist.data.layout import image_attention_mask
 
-    model, cfg = trained_like(layout, f"parallel.tensor_parallel_size={layout.tp_size}", "model.lm.num_kv_heads=2",
+    # four layers of four heads (two of them key/value heads), cross-attention before layers 0 and 2
+    model, cfg = trained_like(layout, f"parallel.tensor_parallel_size={layout.tp_size}", "model.lm.num_layers=4",
+                              "model.lm.num_heads=4", "model.lm.num_kv_heads=2", "model.xattn.cross_layer_interval=2",
                               "model.xattn.qk_layer_norms=true", "model.xattn.alpha_type=vector", seed=3)
     g = torch.Generator().manual_seed(0)
     V = cfg.model.lm.vocab_size

@@ -42,7 +42,8 @@ def _our_logits(layout, path):
     from flamingo_dist.config_load import load_config
     from flamingo_dist.parallel import tp_group
 
-    cfg = load_config(None, [f"model.init_from={path}", f"parallel.tensor_parallel_size={layout.tp_size}"])
+    cfg = load_config(None, ["model.synthetic_backbones=null", f"model.init_from={path}",
+                             f"parallel.tensor_parallel_size={layout.tp_size}"])
     resolve_model_config(cfg.model)
     model = build_model(cfg.model, tp_group(), seed=0).eval()
     with torch.no_grad():
@@ -80,7 +81,7 @@ def _round_trip(layout, out_dir):
         model.lm.embed_tokens.weight[V:] = 0
         model.lm.lm_head.weight[V:] = 0
     export_idefics(model, cfg.model, out_dir)
-    back_cfg = load_config(None, [f"model.init_from={out_dir}"])
+    back_cfg = load_config(None, ["model.synthetic_backbones=null", f"model.init_from={out_dir}"])
     resolve_model_config(back_cfg.model)
     back = build_model(back_cfg.model, tp_group(), seed=99)
     a, b = model.state_dict(), back.state_dict()

@@ -85,7 +85,7 @@ def check_mlflow_run(run_dir, tp=1, dp=1):
               "version.megatron-core"):
         assert f"provenance.{p}" in params, p
     assert params["provenance.tensor_parallel_size"] == str(tp) and params["provenance.data_parallel_size"] == str(dp)
-    for k in ("loss", "lr", "grad_norm", "tokens_per_s", "images_per_s", "gate/cross_attn/layer0", "gate/dense/layer2"):
+    for k in ("loss", "lr", "grad_norm", "tokens_per_s", "images_per_s", "gate/cross_attn/layer0", "gate/dense/layer1"):
         assert k in keys, k
 
 

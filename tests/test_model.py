@@ -52,7 +52,7 @@ def test_zero_gates_give_the_bare_lm_exactly(world1):
     with torch.no_grad():
         flamingo = model.logits(ids, pixels, mask)
         bare = model.lm.gather_logits(model.lm(ids))
-    assert model.xattn_layer_indices == [0, 2]
+    assert model.xattn_layer_indices == [0, 1]
     assert torch.equal(flamingo, bare)
     set_gates(model, 0.5)  # and the comparison is not vacuous:
     with torch.no_grad():
@@ -115,9 +115,10 @@ def test_tokens_without_image_get_zero_cross_attention_but_pass_the_mlp(world1):
 def test_placement(placement, expected):
     from flamingo_dist.config import xattn_layer_indices
 
-    cfg = load_config(None, [f"model.xattn.placement={placement}"])
+    shape = ["model.synthetic_backbones=null", "model.lm.num_layers=4", "model.xattn.cross_layer_interval=2"]
+    cfg = load_config(None, [*shape, f"model.xattn.placement={placement}"])
     assert xattn_layer_indices(cfg.model) == expected
-    cfg = load_config(None, ["model.xattn.placement=explicit", "model.xattn.layers=[3, 1]"])
+    cfg = load_config(None, [*shape, "model.xattn.placement=explicit", "model.xattn.layers=[3, 1]"])
     assert xattn_layer_indices(cfg.model) == [1, 3]
 
 

@@ -31,8 +31,21 @@ def test_weight_decay_only_on_trainable_projection_matrices():
     model.register_parameter("alpha_dense", torch.nn.Parameter(torch.zeros(1)))
     model.register_parameter("latents", torch.nn.Parameter(torch.zeros(3, 4)))
     decay, no_decay = param_groups(model, 0.1)
+    assert decay["lr_scale"] == no_decay["lr_scale"] == 1.0
     assert [id(p) for p in decay["params"]] == [id(model["q_proj"].weight)]
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(
         ["q_proj.bias", "input_layernorm.weight", "input_layernorm.bias", "alpha_dense", "latents"])
+
+
+def test_learning_rate_scales_split_the_groups_by_kind():
+    model = torch.nn.ModuleDict({"resampler": torch.nn.Linear(4, 4, bias=False),
+                                 "block": torch.nn.ModuleDict({"xattn": torch.nn.Linear(4, 4, bias=False)})})
+    model["block"]["xattn"].register_parameter("alpha_dense", torch.nn.Parameter(torch.zeros(1)))
+    groups = param_groups(model, 0.1, {"gates": 10.0, "resampler": 2.0})
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {(g["lr_scale"], g["weight_decay"]): sorted(names[id(p)] for p in g["params"]) for g in groups}
+    assert got == {(1.0, 0.1): ["block.xattn.weight"], (2.0, 0.1): ["resampler.weight"],
+                   (10.0, 0.0): ["block.xattn.alpha_dense"]}
+    assert (groups[0]["lr_scale"], groups[0]["weight_decay"]) == (1.0, 0.1)  # the base rate comes first

@@ -47,7 +47,7 @@ def _freeze_case(layout, corpus, run_dir, stage):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_frozen_weights_stay_bit_identical_and_only_trainables_are_optimized(stage, synthetic_corpus, tmp_path):
     (res,) = run_distributed(_freeze_case, 1, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"), stage)
-    assert res["n_frozen"] > 50 and res["n_trainable"] > 20
+    assert res["n_frozen"] > 40 and res["n_trainable"] > 20  # debug: 15 LM and 32 ViT tensors, 2 blocks
     assert res["frozen_changed"] == []
     assert res["trainable_unchanged"] == []
     assert res["optimizer_equals_trainable"]

@@ -1,6 +1,7 @@
 """A small synthetic interleaved image-text corpus, written as webdataset tar shards, and the
-word-level tokenizer that covers it. Images are coloured shapes; the text after each image names
-its size, colour and shape, so a debug model can learn to read images. Nothing is downloaded.
+word-level tokenizer that covers it. Images are coloured shapes on a coloured background; the
+text after each image names its size, colour or shape (in one of the STYLES below), so a debug
+model can learn to read images. Nothing is downloaded.
 
 Sample format (OBELICS-style, the format the real pipeline reads too):
   <key>.json  {"texts": [str | null, ...], "images": [member name | null, ...]}  (parallel lists)
@@ -23,7 +24,9 @@ WORDS = ["a", "an", "the", "this", "is", "image", "of", "shows", "picture", "her
          "photo", "it", *COLORS, *SHAPES, *SIZES, ".", ",", ":",
          # the few-shot prompts of flamingo_dist/eval (appended: earlier ids stay as they were)
          "Output", "Question", "Short", "answer", "Answer", "Is", "hateful", "?", "'", "with", "written",
-         "what", "color", "shape", "yes", "no"]
+         "what", "color", "shape", "yes", "no",
+         # corpus version 3: a size question, so size is as often supervised as colour
+         "size"]
 SPECIALS = ["<unk>", "<s>", "</s>"]
 VOCAB_SIZE = 512
 INTROS = ["this document is about shapes .", "we look at colors and shapes .", "here is a picture .",
@@ -68,21 +71,58 @@ def draw_shape(color: str, shape: str, size: str, side: int = 32, rng: random.Ra
     return img
 
 
-def make_document(rng: random.Random, max_images: int = 3, side: int = 32) -> tuple[list, dict]:
+# What follows each image, by document style: every image of a document uses one style, so a
+# document reads like a few-shot prompt of the evaluation suite (flamingo_dist/eval/fewshot.py)
+# or like a caption list. The eval prompts' formats are in the corpus on purpose: the debug
+# backbones are pretrained on its text, and the demo measures whether the model reads the
+# images within these formats, not open-world in-context learning. No style shares a prefix with
+# another up to its first attribute word ("Output:a small red circle" beside "Output:circle" would
+# leave the first image of a document ambiguous: docs/learning.md).
+STYLES = {
+    "caption": " this image shows a {size} {color} {shape} .",
+    "output_shape": "Output:{shape}",
+    "vqa_color": "Question:what color is the shape ? Short answer:{color}",
+    "vqa_shape": "Question:what shape is it ? Short answer:{shape}",
+    "vqa_size": "Question:what size is the shape ? Short answer:{size}",
+}
+ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES}
+"""The words a model can only predict from the image: top-1 accuracy over them with true,
+shuffled and no images is the demo's learning measure (flamingo_dist/eval/attributes.py)."""
+
+
+def document_plan(rng: random.Random, max_images: int = 3, styles: tuple[str, ...] = tuple(STYLES)) -> list:
+    """One document as an interleaved list: text (str) or an image's attributes (a dict with
+    color, shape, size). A caption list always opens with an intro sentence; the other styles
+    half of the time, the other half they open with the image, as the evaluation prompts do."""
+    style = rng.choice(styles)
+    items: list = [rng.choice(INTROS)] if style == "caption" or rng.random() < 0.5 else []
+    for _ in range(rng.randint(1, max_images)):
+        attrs = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "size": rng.choice(SIZES)}
+        items += [attrs, STYLES[style].format(**attrs) + " "]
+    return items
+
+
+def describe(attrs: dict) -> str:
+    """An image written as text, where the LM's pretraining text has it (flamingo_dist/demo)."""
+    return f"{attrs['size']} {attrs['color']} {attrs['shape']}"
+
+
+def make_document(rng: random.Random, max_images: int = 3, side: int = 32,
+                  styles: tuple[str, ...] = tuple(STYLES)) -> tuple[list, dict]:
     """(items, images): items is the interleaved list (str or image member name)."""
-    items: list = [rng.choice(INTROS)]
-    images = {}
-    for k in range(rng.randint(1, max_images)):
-        color, shape, size = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(SIZES)
-        name = f"img{k}.png"
-        images[name] = draw_shape(color, shape, size, side, rng)
-        items.append(name)
-        items.append(f" this image shows a {size} {color} {shape} .")
+    items, images = [], {}
+    for it in document_plan(rng, max_images, styles):
+        if isinstance(it, str):
+            items.append(it)
+        else:
+            name = f"img{len(images)}.png"
+            images[name] = draw_shape(it["color"], it["shape"], it["size"], side, rng)
+            items.append(name)
     return items, images
 
 
 def write_corpus(out_dir: str, num_docs: int = 256, docs_per_shard: int = 64, seed: int = 0,
-                 side: int = 32, vocab_size: int = VOCAB_SIZE) -> list[str]:
+                 side: int = 32, vocab_size: int = VOCAB_SIZE, max_images: int = 3) -> list[str]:
     """Write tokenizer/ and shard-NNNNN.tar files to out_dir; returns the shard paths."""
     from flamingo_dist.data.shards import ShardWriter
 
@@ -91,7 +131,7 @@ def write_corpus(out_dir: str, num_docs: int = 256, docs_per_shard: int = 64, se
     rng = random.Random(seed)
     writer = ShardWriter(out_dir, "shard", docs_per_shard)  # a crash never leaves a half-written shard behind
     for i in range(num_docs):
-        items, images = make_document(rng, side=side)
+        items, images = make_document(rng, max_images, side)
         texts = [None if it in images else it for it in items]
         names = [it if it in images else None for it in items]
         sample = {"__key__": f"doc{i:06d}", "json": json.dumps({"texts": texts, "images": names})}
@@ -102,29 +142,34 @@ def write_corpus(out_dir: str, num_docs: int = 256, docs_per_shard: int = 64, se
         writer.write(sample)
     paths = writer.close().shards
     with open(os.path.join(out_dir, "DONE"), "w") as f:
-        json.dump(_recipe(num_docs, seed, side, vocab_size), f)
+        json.dump(_recipe(num_docs, seed, side, vocab_size, max_images), f)
     return paths
 
 
-def _recipe(num_docs: int, seed: int, side: int, vocab_size: int) -> dict:
-    return {"num_docs": num_docs, "seed": seed, "image_size": side, "vocab_size": vocab_size}
+CORPUS_VERSION = 3  # 3: the vqa_size style; 2: document styles (STYLES); 1 had captions only
+
+
+def _recipe(num_docs: int, seed: int, side: int, vocab_size: int, max_images: int) -> dict:
+    return {"version": CORPUS_VERSION, "num_docs": num_docs, "seed": seed, "image_size": side,
+            "vocab_size": vocab_size, "max_images": max_images}
 
 
 def ensure_corpus(out_dir: str, num_docs: int, seed: int = 0, side: int = 32, vocab_size: int = VOCAB_SIZE,
-                  docs_per_shard: int = 16) -> str:
+                  docs_per_shard: int = 16, max_images: int = 3) -> str:
     """Generate the corpus unless a complete one (marked DONE) is there; a complete one made
     with other settings is an error rather than silently reused."""
     done = os.path.join(out_dir, "DONE")
-    want = _recipe(num_docs, seed, side, vocab_size)
+    want = _recipe(num_docs, seed, side, vocab_size, max_images)
     if not os.path.isfile(done):
         write_corpus(out_dir, num_docs=num_docs, docs_per_shard=docs_per_shard, seed=seed, side=side,
-                     vocab_size=vocab_size)
+                     vocab_size=vocab_size, max_images=max_images)
         return out_dir
     with open(done) as f:
         have = json.load(f)
-    # Size and seed only change how much data there is; image size and vocabulary must match.
-    if any(have.get(k) != want[k] for k in ("image_size", "vocab_size")):
+    # Size and seed only change how much data there is; the content's version, image size,
+    # vocabulary and images per document must match.
+    if any(have.get(k) != want[k] for k in ("version", "image_size", "vocab_size", "max_images")):
         raise ValueError(f"data.synthetic_dir: {out_dir} holds a synthetic corpus made with {have}, but this run "
-                         f"needs {want} (image size and vocabulary follow the model); delete it or choose "
-                         "another data.synthetic_dir")
+                         f"needs {want} (image size, vocabulary and images per document follow the config); "
+                         "delete it or choose another data.synthetic_dir")
     return out_dir

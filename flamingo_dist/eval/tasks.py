@@ -131,7 +131,7 @@ def load_classification(source: str, image_root: str | None = None, class_names_
     return _check_images(out, source)
 
 
-def write_synthetic_tasks(out_dir: str, num_images: int = 48, seed: int = 0, side: int = 32) -> dict[str, str]:
+def write_synthetic_tasks(out_dir: str, num_images: int = 96, seed: int = 0, side: int = 32) -> dict[str, str]:
     """A synthetic evaluation suite in the standard layouts above, from images of shapes with
     known attributes: Karpathy-style captions (train/test), VQAv2-style questions and
     annotations (colour and shape questions, 10 human answers each, a few dissenting), and a
@@ -220,20 +220,34 @@ def load_task(spec: dict, base_dir: str = ".") -> tuple[str, str, list[Example],
                      f"got {kind!r}")
 
 
+SYNTHETIC_TASKS = ("synthetic_captions", "synthetic_vqa_color", "synthetic_vqa_shape", "synthetic_memes",
+                   "synthetic_shapes")
+_SUITE_VERSION = "2"  # 2: 96 images, VQA split by question (colour, shape)
+
+
 def synthetic_suite(out_dir: str) -> dict[str, tuple[str, list[Example], list[Example]]]:
-    """The synthetic suite as name -> (kind, queries, support); written when missing."""
+    """The synthetic suite as name -> (kind, queries, support), written when missing (or made
+    by another version of this function). Queries are the first half of the images, support
+    the second; VQA is one task per question (colour, shape)."""
     marker = os.path.join(out_dir, "DONE")
-    if not os.path.isfile(marker):
+    have = None
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            have = f.read().strip()
+    if have != _SUITE_VERSION:
         write_synthetic_tasks(out_dir)
         with open(marker, "w") as f:
-            f.write("ok\n")
+            f.write(_SUITE_VERSION + "\n")
     karpathy, img = os.path.join(out_dir, "dataset_synthetic.json"), os.path.join(out_dir, "val2014")
     vqa = load_vqa(os.path.join(out_dir, "questions.json"), os.path.join(out_dir, "annotations.json"), img, "vqav2")
     memes = load_hateful_memes(os.path.join(out_dir, "memes.jsonl"), out_dir)
     shapes = load_classification(os.path.join(out_dir, "shapes.jsonl"), out_dir)
-    half_q, half_m = len(vqa) // 2, len(memes) // 2
+    half = len(memes) // 2  # one meme, one shape and two questions per image
+    color_q = [q for q in vqa if q.question.startswith("what color")]
+    shape_q = [q for q in vqa if q.question.startswith("what shape")]
     return {"synthetic_captions": ("captioning", load_karpathy(karpathy, out_dir, "test"),
                                    load_karpathy(karpathy, out_dir, "train")),
-            "synthetic_vqa": ("vqa", vqa[:half_q], vqa[half_q:]),
-            "synthetic_memes": ("hateful_memes", memes[:half_m], memes[half_m:]),
-            "synthetic_shapes": ("classification", shapes[:half_m], shapes[half_m:])}
+            "synthetic_vqa_color": ("vqa", color_q[:half], color_q[half:]),
+            "synthetic_vqa_shape": ("vqa", shape_q[:half], shape_q[half:]),
+            "synthetic_memes": ("hateful_memes", memes[:half], memes[half:]),
+            "synthetic_shapes": ("classification", shapes[:half], shapes[half:])}

@@ -46,13 +46,20 @@ class VisionEncoder(nn.Module):
         return torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
 
 
+def register_model_config(model_name: str) -> None:
+    """Make our own open_clip model configs (`flamingo-*`, in flamingo_dist/assets) known to open_clip."""
+    import open_clip
+
+    if model_name.startswith("flamingo-"):
+        open_clip.add_model_config(os.path.join(_ASSETS, f"{model_name}.json"))
+
+
 def build_vision_encoder(model_name: str, pretrained: str | None, activation: str) -> VisionEncoder:
     """Create the open_clip model by name (our debug ViT included) and keep its vision tower.
     `pretrained` is a local weights file or None (random init); nothing is downloaded."""
     import open_clip
 
-    if model_name.startswith("flamingo-"):
-        open_clip.add_model_config(os.path.join(_ASSETS, f"{model_name}.json"))
+    register_model_config(model_name)
     if model_name not in open_clip.list_models():
         raise ValueError(f"model.vision.model_name: open_clip knows no model {model_name!r}")
     if pretrained is not None and not os.path.isfile(pretrained):

@@ -5,7 +5,8 @@ semantics of transformers' `IdeficsGatedCrossAttentionLayer`:
     x = x + tanh(alpha_dense) * SwiGLU(RMSNorm(x))
 
 q comes from the text (width D), k/v from the resampled media (width V); heads = LM heads.
-Gates start at 0, so at initialisation the model is exactly the frozen LM. Each text token
+Gates start at 0 (the paper's choice and the default; `alpha_init` changes it for the ablation in
+docs/learning.md), so at initialisation the model is exactly the frozen LM. Each text token
 attends only to the latents of the image its `image_attention_mask` row selects; a token with no
 image gets a zero cross-attention output (transformers PR #26839) but still passes the MLP.
 
@@ -34,7 +35,7 @@ def expand_image_mask(image_attention_mask_BTN: torch.Tensor, num_latents: int, 
 class GatedCrossAttentionBlock(nn.Module):
     def __init__(self, hidden_size: int, vision_width: int, num_heads: int, intermediate_size: int,
                  eps: float = 1e-6, alpha_type: str = "float", qk_layer_norms: bool = False,
-                 linears: LinearFactory | None = None):
+                 linears: LinearFactory | None = None, alpha_init: float = 0.0):
         super().__init__()
         linears = linears or LocalLinears()
         if num_heads % linears.tp_size or intermediate_size % linears.tp_size:
@@ -57,8 +58,8 @@ class GatedCrossAttentionBlock(nn.Module):
         self.up_proj = linears.column(hidden_size, intermediate_size)
         self.down_proj = linears.row(intermediate_size, hidden_size)
         shape = (1,) if alpha_type == "float" else (1, 1, hidden_size)
-        self.alpha_cross_attn = nn.Parameter(torch.zeros(shape))
-        self.alpha_dense = nn.Parameter(torch.zeros(shape))
+        self.alpha_cross_attn = nn.Parameter(torch.full(shape, float(alpha_init)))
+        self.alpha_dense = nn.Parameter(torch.full(shape, float(alpha_init)))
 
     def media_kv(self, media_BMV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the media [B, H, M, E] (computed once per prompt in generation)."""

@@ -1,0 +1,303 @@
+"""Tiny pretrained backbones for the synthetic corpus, made on the machine in about a minute and
+cached, so the debug flavor trains a Flamingo whose frozen parts know something:
+
+- `lm/`: a LLaMA-style LM pretrained on the corpus' text, saved as a Hugging Face LLaMA
+  directory (config.json, model.safetensors, tokenizer); it loads through `model.lm.path` like
+  real weights.
+- `vit.pt`: the open_clip debug ViT pretrained contrastively on synthetic images and their
+  captions (open_clip's own CLIP model and `ClipLoss`), an open_clip weights file for
+  `model.vision.pretrained`.
+
+Why the LM's pretraining text describes every image ("small red circle" where the image goes):
+a frozen LM that never had to tell "red" from "blue" cannot be made to say either by a
+cross-attention block. Its output rows for the attribute words stay nearly identical and no
+direction of its hidden state selects one of them, so Flamingo training plateaus at chance
+(docs/learning.md). Reading attributes from the context gives the LM exactly what a real LM
+brings: hidden-state directions that mean "the colour is red", which the cross-attention blocks
+then learn to write from the image. The same model shape without that text trains to chance.
+
+Everything is seeded; the directory is written under a temporary name and renamed when complete,
+so an interrupted build never looks finished, and `DONE` records the recipe (a directory built
+for another LM shape or vision tower is refused, not reused) and what the pretraining reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+
+import torch
+
+from flamingo_dist.config import ConfigError, LMConfig
+from flamingo_dist.data import synthetic
+
+VERSION = 1
+LM_STEPS = 800
+LM_BATCH = 32
+LM_LR = 3e-3
+VIT_STEPS = 600
+VIT_BATCH = 256
+VIT_LR = 2e-3
+VIT_POOL = 4096
+MIN_ACCURACY = 0.9  # what each backbone must reach on its own held-out check, or the build fails
+MAX_IMAGES = 5  # documents of up to this many images: the demo's few-shot prompts have five
+
+
+class BackboneError(ConfigError):
+    """A backbone directory that does not fit the config."""
+
+
+class PretrainingFellShort(BackboneError):
+    """A backbone did not learn what it is for (checked on held-out data after pretraining)."""
+
+
+def recipe(lm: LMConfig, vision_model: str, image_size: int, seed: int = 0) -> dict:
+    shape = {k: getattr(lm, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                         "num_kv_heads", "rope_theta", "rms_norm_eps", "tie_embeddings",
+                                         "max_position_embeddings")}
+    return {"version": VERSION, "corpus_version": synthetic.CORPUS_VERSION, "lm": shape, "vision_model": vision_model,
+            "image_size": image_size, "seed": seed, "lm_steps": LM_STEPS, "vit_steps": VIT_STEPS}
+
+
+def lm_path(root: str) -> str:
+    return os.path.join(root, "lm")
+
+
+def vit_path(root: str) -> str:
+    return os.path.join(root, "vit.pt")
+
+
+def read_done(root: str) -> dict | None:
+    done = os.path.join(root, "DONE")
+    if not os.path.isfile(done):
+        return None
+    with open(done) as f:
+        return json.load(f)
+
+
+def ensure_backbones(root: str, lm: LMConfig, vision_model: str, image_size: int, seed: int = 0,
+                     log=print) -> dict:
+    """Build the backbones into `root` unless a complete build is there (whether it fits the
+    config is checked by use_backbones); returns the DONE record."""
+    have = read_done(root)
+    if have is not None:
+        return have
+    if os.path.exists(root):
+        raise BackboneError(f"model.synthetic_backbones: {root} exists but holds no complete build (no DONE file); "
+                            "delete it to rebuild")
+    return build_backbones(root, lm, vision_model, image_size, seed, log)
+
+
+def use_backbones(model) -> list[str]:
+    """Point a ModelConfig with `synthetic_backbones` at the built LM and ViT (absolute paths)
+    and clear the field; the build must be there and match (ensure_backbones makes it)."""
+    root = model.synthetic_backbones
+    done = read_done(root)
+    if done is None:
+        raise BackboneError(f"model.synthetic_backbones: {root} holds no built backbones (build them with "
+                            f"`python tools/build_backbones.py --out {root}`; training builds them when missing)")
+    want = recipe(model.lm, model.vision.model_name, done["recipe"]["image_size"], done["recipe"]["seed"])
+    if done["recipe"] != want:
+        differ = sorted(k for k in set(want) | set(done["recipe"]) if want.get(k) != done["recipe"].get(k))
+        raise BackboneError(f"model.synthetic_backbones: {root} holds backbones of another recipe ({', '.join(differ)}: "
+                            f"{[done['recipe'].get(k) for k in differ]} there, {[want.get(k) for k in differ]} in this "
+                            "config); delete it or choose another directory to build them for this config, or set "
+                            "model.synthetic_backbones=null for a random LM and ViT")
+    model.lm.path, model.vision.pretrained = os.path.abspath(lm_path(root)), os.path.abspath(vit_path(root))
+    model.synthetic_backbones = None
+    return [f"model: the synthetic backbones in {root} (LM {model.lm.path}, ViT {model.vision.pretrained})"]
+
+
+def build_backbones(root: str, lm: LMConfig, vision_model: str, image_size: int, seed: int = 0,
+                    log=print) -> dict:
+    tmp = f"{root.rstrip(os.sep)}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    t0 = time.time()
+    log(f"building the synthetic backbones in {root} (LM {LM_STEPS} steps, ViT {VIT_STEPS} steps; once)")
+    lm_stats = pretrain_lm(lm_path(tmp), lm, seed, log)
+    vit_stats = pretrain_vit(vit_path(tmp), vision_model, image_size, seed, log)
+    weak = {f"LM reading {k} from context": v for k, v in lm_stats["copy_accuracy"].items() if v < MIN_ACCURACY}
+    weak.update({f"ViT zero-shot {k}": v for k, v in vit_stats["zero_shot_accuracy"].items() if v < MIN_ACCURACY})
+    if weak:  # a Flamingo on such backbones cannot learn what the demo shows
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PretrainingFellShort(f"the synthetic backbones did not learn what they are for ({weak}, need "
+                                   f">= {MIN_ACCURACY}); this build is not kept")
+    done = {"recipe": recipe(lm, vision_model, image_size, seed), "lm": lm_stats, "vit": vit_stats,
+            "seconds": round(time.time() - t0, 1)}
+    with open(os.path.join(tmp, "DONE"), "w") as f:
+        json.dump(done, f, indent=1)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process finished first: keep its build if it is the same recipe
+        shutil.rmtree(tmp, ignore_errors=True)
+        other = read_done(root)
+        if other is None or other["recipe"] != done["recipe"]:
+            raise
+        return other
+    log(f"backbones ready in {done['seconds']:.0f}s: the LM reads attributes from context "
+        f"{lm_stats['copy_accuracy']}, the ViT's zero-shot attribute accuracy {vit_stats['zero_shot_accuracy']}")
+    return done
+
+
+# ---------------------------------------------------------------------------------------- LM
+def lm_document(tok, rng: random.Random, max_images: int = MAX_IMAGES,
+                describe: bool = True) -> tuple[list[int], list[int]]:
+    """One pretraining document as token ids: the corpus' text with each image written as its
+    description (left out with describe=False: the ablation of docs/learning.md). Also, per id,
+    the index of the attribute group (synthetic.ATTRIBUTES) of a word that a description before
+    it determines, else -1: where the LM's reading from context is measured."""
+    group_of = {tok.convert_tokens_to_ids(w): g for g, words in enumerate(synthetic.ATTRIBUTES.values())
+                for w in words}
+    ids, groups = [tok.bos_token_id], [-1]
+    for it in synthetic.document_plan(rng, max_images):
+        described = not isinstance(it, str)
+        if described and not describe:
+            continue
+        for t in tok(synthetic.describe(it) if described else it, add_special_tokens=False)["input_ids"]:
+            ids.append(t)
+            groups.append(-1 if described else group_of.get(t, -1))
+    return ids + [tok.eos_token_id], groups + [-1]
+
+
+def _lm_batch(tok, rng: random.Random, n: int, max_images: int, describe: bool = True):
+    docs = [lm_document(tok, rng, max_images, describe) for _ in range(n)]
+    T = max(len(ids) for ids, _ in docs)
+    ids = torch.full((n, T), tok.pad_token_id)
+    groups = torch.full((n, T), -1)
+    mask = torch.zeros(n, T, dtype=torch.long)
+    for b, (d, g) in enumerate(docs):
+        ids[b, :len(d)], groups[b, :len(g)], mask[b, :len(d)] = torch.tensor(d), torch.tensor(g), 1
+    return ids, mask, ids.masked_fill(mask == 0, -100), groups
+
+
+def pretrain_lm(out_dir: str, lm: LMConfig, seed: int, log=print, describe: bool = True) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = synthetic.build_tokenizer(out_dir, lm.vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size,
+                         num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_heads,
+                         num_key_value_heads=lm.kv_heads, rope_theta=lm.rope_theta, rms_norm_eps=lm.rms_norm_eps,
+                         tie_word_embeddings=lm.tie_embeddings, max_position_embeddings=lm.max_position_embeddings,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=LM_LR, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / LM_STEPS))
+    rng = random.Random(seed)
+    t0 = time.time()
+    for step in range(LM_STEPS):
+        # Every other batch holds one-image documents: reading the one description there is
+        # learnt in a few hundred steps, where documents of several images alone take several
+        # times longer and sometimes never get there (docs/learning.md); short batches are also
+        # cheap (a batch is as long as its longest document).
+        ids, mask, labels, _ = _lm_batch(tok, rng, LM_BATCH, 1 if step % 2 == 0 else MAX_IMAGES, describe)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % 200 == 0:
+            copy = lm_copy_accuracy(model, tok, random.Random(seed + 1))
+            log(f"  LM step {step + 1}/{LM_STEPS} loss {loss.item():.3f}, reads from context {copy} "
+                f"({time.time() - t0:.0f}s)")
+    copy = lm_copy_accuracy(model, tok, random.Random(seed + 1))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return {"loss": round(loss.item(), 4), "copy_accuracy": copy, "seconds": round(time.time() - t0, 1)}
+
+
+@torch.no_grad()
+def lm_copy_accuracy(model, tok, rng: random.Random, docs: int = 128) -> dict[str, float]:
+    """Top-1 accuracy of the attribute words that a description earlier in the text determines,
+    in documents of up to MAX_IMAGES images."""
+    ids, mask, _, groups = _lm_batch(tok, rng, docs, MAX_IMAGES)
+    was_training = model.training
+    pred = model.eval()(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+    model.train(was_training)
+    target, g = ids[:, 1:], groups[:, 1:]
+    return {name: round(((pred == target) & (g == i)).sum().item() / max(1, (g == i).sum().item()), 4)
+            for i, name in enumerate(synthetic.ATTRIBUTES)}
+
+
+# --------------------------------------------------------------------------------------- ViT
+_CLIP_WORDS = ["<pad>", "a", *synthetic.COLORS, *synthetic.SHAPES, *synthetic.SIZES]
+
+
+def _caption_ids(attrs: dict, context: int, eot: int) -> list[int]:
+    """"a small red circle" as ids of the open_clip text tower, ending with the end-of-text id
+    (the highest: open_clip pools the text at its argmax)."""
+    ids = [_CLIP_WORDS.index(w) for w in ("a", attrs["size"], attrs["color"], attrs["shape"])] + [eot]
+    return ids + [0] * (context - len(ids))
+
+
+def _image_pool(n: int, side: int, rng: random.Random):
+    import numpy as np
+
+    from flamingo_dist.data.processing import normalize_pixels
+
+    attrs, images = [], []
+    for _ in range(n):
+        a = {"color": rng.choice(list(synthetic.COLORS)), "shape": rng.choice(synthetic.SHAPES),
+             "size": rng.choice(synthetic.SIZES)}
+        attrs.append(a)
+        images.append(torch.from_numpy(np.array(synthetic.draw_shape(a["color"], a["shape"], a["size"], side, rng))))
+    return attrs, normalize_pixels(torch.stack(images).permute(0, 3, 1, 2).contiguous())
+
+
+def pretrain_vit(out_path: str, vision_model: str, image_size: int, seed: int, log=print) -> dict:
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    from flamingo_dist.models.vision import register_model_config
+
+    register_model_config(vision_model)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(vision_model)
+    if model.visual.image_size[0] != image_size:
+        raise BackboneError(f"{vision_model} takes {model.visual.image_size[0]} px images, the data has {image_size}")
+    context, vocab = model.context_length, model.vocab_size
+    if len(_CLIP_WORDS) >= vocab:
+        raise BackboneError(f"{vision_model}: its text tower's vocabulary ({vocab}) is too small for the captions")
+    rng = random.Random(seed)
+    attrs, pixels = _image_pool(VIT_POOL, image_size, rng)
+    texts = torch.tensor([_caption_ids(a, context, vocab - 1) for a in attrs])
+    loss_fn = ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=VIT_LR, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / VIT_STEPS))
+    held_out = VIT_POOL // 4  # the last quarter is only for the probe below
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(VIT_STEPS):
+        idx = torch.randint(0, VIT_POOL - held_out, (VIT_BATCH,), generator=g)
+        image_f, text_f, scale = model(pixels[idx], texts[idx])[:3]
+        loss = loss_fn(image_f, text_f, scale)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % 250 == 0:
+            log(f"  ViT step {step + 1}/{VIT_STEPS} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    torch.save(model.state_dict(), out_path)
+    split = VIT_POOL - held_out
+    zero_shot = vit_zero_shot_accuracy(model, pixels[split:], attrs[split:], texts)
+    return {"loss": round(loss.item(), 4), "zero_shot_accuracy": zero_shot, "seconds": round(time.time() - t0, 1)}
+
+
+@torch.no_grad()
+def vit_zero_shot_accuracy(model, pixels: torch.Tensor, attrs: list[dict], texts: torch.Tensor) -> dict[str, float]:
+    """Each attribute's accuracy when every image is matched to the nearest of all captions
+    (CLIP's zero-shot classification), over the held-out images."""
+    captions = sorted({tuple(t.tolist()) for t in texts})
+    text_f = model.encode_text(torch.tensor(captions), normalize=True)
+    image_f = model.encode_image(pixels, normalize=True)
+    best = [captions[i] for i in (image_f @ text_f.T).argmax(-1).tolist()]
+    out = {}
+    for group, words in synthetic.ATTRIBUTES.items():
+        hits = [_CLIP_WORDS[c[1:4][("size", "color", "shape").index(group)]] == a[group] for c, a in zip(best, attrs)]
+        out[group] = round(sum(hits) / len(hits), 4)
+    return out
