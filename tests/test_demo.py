@@ -1,0 +1,183 @@
+"""The demo's parts: the synthetic backbones (what they load as, what they learned, how a config
+finds them), the held-out attribute accuracy (shuffling, hiding, counting) and the learning
+report with its checks."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+
+def test_backbones_are_hugging_face_and_open_clip_weights_that_learned_their_job(synthetic_backbones):
+    import open_clip
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from flamingo_dist.demo.backbones import MIN_ACCURACY, lm_path, read_done, vit_path
+    from flamingo_dist.models.vision import register_model_config
+
+    done = read_done(synthetic_backbones)
+    assert min(done["lm"]["copy_accuracy"].values()) >= MIN_ACCURACY
+    assert min(done["vit"]["zero_shot_accuracy"].values()) >= MIN_ACCURACY
+    lm = LlamaForCausalLM.from_pretrained(lm_path(synthetic_backbones)).eval()
+    tok = AutoTokenizer.from_pretrained(lm_path(synthetic_backbones))
+    # the LM reads an attribute from its context: a described image is answered
+    ids = tok("<s>small blue triangle Question:what color is the shape ? Short answer:", add_special_tokens=False,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert tok.convert_ids_to_tokens(int(lm(ids).logits[0, -1].argmax())) == "blue"
+    register_model_config(done["recipe"]["vision_model"])
+    clip = open_clip.create_model(done["recipe"]["vision_model"], pretrained=vit_path(synthetic_backbones))
+    assert clip.visual.image_size[0] == done["recipe"]["image_size"]
+
+
+def test_a_config_points_at_the_backbones_or_says_why_not(synthetic_backbones, tmp_path):
+    from flamingo_dist.build import resolve_model_config
+    from flamingo_dist.config import ConfigError
+    from flamingo_dist.config_load import config_from_dict, load_config
+
+    cfg = load_config(None, [f"model.synthetic_backbones={synthetic_backbones}"])
+    resolve_model_config(cfg.model)
+    assert cfg.model.lm.path == os.path.join(synthetic_backbones, "lm")
+    assert cfg.model.vision.pretrained == os.path.join(synthetic_backbones, "vit.pt")
+    assert cfg.model.synthetic_backbones is None  # a checkpoint's config names the weights it used
+
+    other = load_config(None, [f"model.synthetic_backbones={synthetic_backbones}", "model.lm.num_kv_heads=4"])
+    with pytest.raises(ConfigError, match="another recipe.*lm"):
+        resolve_model_config(other.model)
+    missing = load_config(None, [f"model.synthetic_backbones={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match="holds no built backbones.*tools/build_backbones.py"):
+        resolve_model_config(missing.model)
+    with pytest.raises(ConfigError, match="model.synthetic_backbones.*excludes model.lm.path"):
+        load_config(None, [f"model.lm.path={tmp_path}"])
+    # a checkpoint's config from before the field existed keeps its own random LM
+    old = {k: v for k, v in json.loads(json.dumps(__import__("dataclasses").asdict(load_config()))).items()}
+    del old["model"]["synthetic_backbones"]
+    assert config_from_dict(old).model.synthetic_backbones is None
+
+
+def test_a_half_built_directory_is_not_taken_for_backbones(tmp_path):
+    from flamingo_dist.config import ConfigError
+    from flamingo_dist.config_load import load_config
+    from flamingo_dist.demo.backbones import ensure_backbones
+
+    (tmp_path / "bb").mkdir()
+    cfg = load_config()
+    with pytest.raises(ConfigError, match="no complete build"):
+        ensure_backbones(str(tmp_path / "bb"), cfg.model.lm, cfg.model.vision.model_name, 32)
+
+
+def test_lm_documents_mark_the_attributes_a_description_determines(synthetic_corpus):
+    from transformers import AutoTokenizer
+
+    from flamingo_dist.demo.backbones import lm_document
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(synthetic_corpus, "tokenizer"))
+    rng = random.Random(3)
+    for _ in range(20):
+        ids, groups = lm_document(tok, rng, 3)
+        words = tok.convert_ids_to_tokens(ids)
+        marked = [(w, g) for w, g in zip(words, groups) if g >= 0]
+        assert marked and all(w in ("small", "large") if g == 2 else True for w, g in marked)
+        # every marked word appears earlier in the document (in its image's description)
+        for t, g in enumerate(groups):
+            if g >= 0:
+                assert words[t] in words[:t], words
+        no_desc, _ = lm_document(tok, random.Random(3), 3, describe=False)
+        assert len(no_desc) < len(lm_document(tok, random.Random(3), 3)[0])
+
+
+def _batches():
+    """Two batches of 2 rows; image k of the set is a constant image of value k (row 1 of the
+    second batch has none); labels hold colour word ids 10 + k after image k."""
+    out, k = [], 0
+    for counts in ((2, 1), (3, 0)):
+        pv = torch.zeros(2, 3, 3, 2, 2, dtype=torch.uint8)
+        labels = torch.full((2, 8), -100)
+        mask = torch.zeros(2, 8, 3, dtype=torch.long)
+        for r, n in enumerate(counts):
+            for j in range(n):
+                pv[r, j] = k
+                labels[r, 2 + 2 * j] = 10 + k % 3
+                mask[r, 1 + 2 * j: 3 + 2 * j, j] = 1
+                k += 1
+        out.append({"pixel_values": pv, "labels": labels, "image_attention_mask": mask,
+                    "num_images": torch.tensor(counts), "input_ids": torch.zeros(2, 8, dtype=torch.long)})
+    return out
+
+
+def test_shuffled_images_always_come_from_another_row_and_hidden_ones_are_masked():
+    from flamingo_dist.eval.attributes import hide_images, shuffle_images
+
+    batches = _batches()  # rows with images: (0,0) images 0,1; (0,1) image 2; (1,0) images 3,4,5
+    for offset in (1, 2):
+        shuffled = shuffle_images(batches, offset)
+        own = {(0, 0): {0, 1}, (0, 1): {2}, (1, 0): {3, 4, 5}}
+        for (b, r), mine in own.items():
+            got = {int(shuffled[b]["pixel_values"][r, j].max()) for j in range(int(batches[b]["num_images"][r]))}
+            assert got and not (got & mine), (offset, b, r, got)
+        assert torch.equal(shuffled[1]["pixel_values"][1], batches[1]["pixel_values"][1])  # no images: untouched
+    with pytest.raises(ValueError, match="its own images"):
+        shuffle_images(batches, 3)
+    assert all(int(b["image_attention_mask"].sum()) == 0 for b in hide_images(batches))
+
+
+def test_attribute_accuracy_counts_only_the_group_words_under_each_condition():
+    from flamingo_dist.eval.attributes import attribute_accuracy
+
+    batches = _batches()
+
+    def reads_images(batch):  # predicts colour 10 + (image value % 3) where a token sees an image
+        logits = torch.zeros(2, 8, 20)
+        value = (batch["image_attention_mask"].float() * batch["pixel_values"].amax(dim=(2, 3, 4))[:, None]).sum(-1)
+        seen = batch["image_attention_mask"].sum(-1) > 0
+        logits[..., 0] = 0.5  # an unseen image: predict word 0
+        idx = (10 + value.long() % 3).clamp(max=19)
+        logits.scatter_(-1, idx[..., None], seen[..., None].float())
+        return logits
+
+    acc = attribute_accuracy(reads_images, batches, {"color": [10, 11, 12]})
+    assert acc["true/color"] == 1.0 and acc["no/color"] == 0.0 and acc["count/color"] == 6
+    # images 0..5 carry words 10,11,12,10,11,12: a shuffle matches only when k % 3 agrees
+    assert acc["shuffled/color"] < 0.5
+    assert acc["majority/color"] == pytest.approx(2 / 6)
+
+
+def _write_run(run_dir, shuffled_size=0.5, shapes_4shot=95.0):
+    os.makedirs(os.path.join(run_dir, "eval"))
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for step in (0, 10):
+            f.write(json.dumps({"step": step, "loss": 1.0 - step / 20, "gate/cross_attn/layer0": -0.2}) + "\n")
+            val = {"step": step, "val/loss": 0.9 - step / 20}
+            for g, chance in (("color", 1 / 8), ("shape", 1 / 3), ("size", 1 / 2)):
+                val.update({f"val/accuracy/true_images/{g}": 0.5 + step / 20, f"val/accuracy/no_images/{g}": chance,
+                            f"val/accuracy/shuffled_images/{g}": shuffled_size if g == "size" else chance,
+                            f"val/accuracy/majority/{g}": chance})
+            f.write(json.dumps(val) + "\n")
+    with open(os.path.join(run_dir, "eval", "step_00000010.json"), "w") as f:
+        json.dump({"step": 10, "tasks": {"synthetic_shapes": {"4shot_random": {"mean": shapes_4shot}},
+                                         "synthetic_vqa_color": {"4shot_random": {"mean": 100.0}}}}, f)
+
+
+def test_report_writes_numbers_picture_and_checks(tmp_path):
+    good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
+    _write_run(good)
+    _write_run(bad, shuffled_size=0.7, shapes_4shot=80.0)
+    tool = [sys.executable, os.path.join(REPO, "tools", "demo_report.py")]
+    proc = subprocess.run([*tool, good, "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.load(open(os.path.join(good, "learning.json")))
+    assert summary["passed"] and summary["held_out_attribute_accuracy"]["color"]["true"] == 1.0
+    assert summary["gates"]["cross_attn/layer0"]["abs_tanh_alpha"] == 0.2
+    assert os.path.getsize(os.path.join(good, "report.png")) > 10_000
+    proc = subprocess.run([*tool, bad, "--check"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    failed = [c["check"] for c in json.load(open(os.path.join(bad, "learning.json")))["checks"] if not c["pass"]]
+    assert len(failed) == 2 and "size with shuffled" in failed[0] and "synthetic_shapes" in failed[1]
+    proc = subprocess.run([*tool, str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no metrics" in proc.stderr
