@@ -141,11 +141,17 @@ def test_attribute_accuracy_counts_only_the_group_words_under_each_condition():
         logits.scatter_(-1, idx[..., None], seen[..., None].float())
         return logits
 
-    acc = attribute_accuracy(reads_images, batches, {"color": [10, 11, 12]})
+    calls = []
+    acc = attribute_accuracy(lambda b: calls.append(1) or reads_images(b), batches, {"color": [10, 11, 12]})
     assert acc["true/color"] == 1.0 and acc["no/color"] == 0.0 and acc["count/color"] == 6
-    # images 0..5 carry words 10,11,12,10,11,12: a shuffle matches only when k % 3 agrees
-    assert acc["shuffled/color"] < 0.5
+    # images 0..5 carry words 10,11,12,10,11,12; rotations by 1 and 2 rows match 2 and 3 of 6
+    # (a rotation by 3 gives the three rows their own images: run, for symmetric collectives, not counted)
+    assert acc["shuffled/color"] == pytest.approx(5 / 12)
     assert acc["majority/color"] == pytest.approx(2 / 6)
+    assert len(calls) == (2 + 3) * len(batches)
+    one_row = [dict(batches[0], num_images=torch.tensor([1, 0]))]  # nothing to shuffle with
+    acc = attribute_accuracy(reads_images, one_row, {"color": [10, 11, 12]})
+    assert acc["true/color"] == 1.0 and acc["shuffled/color"] != acc["shuffled/color"]  # NaN: unknown
 
 
 def _write_run(run_dir, shuffled_size=0.5, shapes_4shot=95.0):

@@ -4,7 +4,8 @@ tell (the synthetic corpus' colour, shape and size words), on held-out batches, 
 - `true`: the batches as they are;
 - `shuffled`: every image replaced by one from another row of the held-out set (so from another
   document): the rows with images are rotated by 1, 2, ... SHUFFLES places and the accuracies
-  averaged, so the score does not hang on one pairing of the (few) held-out images;
+  averaged, so the score does not hang on one pairing of the (few) held-out images (a rotation
+  that would give every row its own images back is left out);
 - `no`: the same pixels, but every token's image attention mask zeroed, so no token sees an
   image (the gated dense MLPs still run, as they do for text without images).
 
@@ -81,21 +82,27 @@ def attribute_accuracy(logits_fn, batches: list[dict], groups: dict[str, list[in
                        device: torch.device | str = "cpu") -> dict:
     """{"<condition>/<group>": accuracy}, {"count/<group>": targets} and {"majority/<group>": the
     share of the group's most frequent word among the targets, the best any prediction that
-    ignores the image can do}, summed over the data-parallel group. `logits_fn(batch)` gives full-vocabulary logits [B, T, V] (a collective
-    under TP or ZeRO-3: every rank calls it for the same number of batches)."""
+    ignores the image can do}, summed over the data-parallel group. `logits_fn(batch)` gives
+    full-vocabulary logits [B, T, V]; it may be a collective (TP, ZeRO-3), so every rank calls it
+    equally often: (2 + SHUFFLES) x its batches, also where a rotation would give rows their own
+    images (or fewer than two rows have any), whose results are then not counted. A shuffled
+    accuracy without any counted target is NaN."""
     names = list(groups)
     ids = {g: torch.tensor(groups[g]) for g in names}
     rows = sum(int((b["num_images"] > 0).sum()) for b in batches)
-    if rows < 2:
-        raise ValueError(f"attribute accuracy: the held-out batches have {rows} rows with images; shuffling images "
-                         "across documents needs two (raise data.val_batches)")
-    variants = {"true": batches, "no": hide_images(batches),
-                "shuffled": [b for k in range(1, min(SHUFFLES, rows - 1) + 1) for b in shuffle_images(batches, k)]}
+    shuffled = []  # (batch, counted)
+    for k in range(1, SHUFFLES + 1):
+        usable = rows >= 2 and k % rows != 0
+        shuffled += [(b, usable) for b in (shuffle_images(batches, k) if usable else batches)]
+    variants = {"true": [(b, True) for b in batches], "no": [(b, True) for b in hide_images(batches)],
+                "shuffled": shuffled}
     sums = torch.zeros(len(CONDITIONS), len(names), 2, dtype=torch.float64)  # correct, total
     words = torch.zeros(len(names), max(len(v) for v in groups.values()), dtype=torch.float64)  # target counts
     for c, cond in enumerate(CONDITIONS):
-        for batch in variants[cond]:
+        for batch, counted in variants[cond]:
             pred_BT = logits_fn(batch)[:, :-1].float().argmax(-1).cpu()
+            if not counted:
+                continue
             target_BT = batch["labels"][:, 1:]
             for g, name in enumerate(names):
                 at = torch.isin(target_BT, ids[name]) & (target_BT != IGNORE_INDEX)
@@ -111,7 +118,8 @@ def attribute_accuracy(logits_fn, batches: list[dict], groups: dict[str, list[in
     out = {}
     for c, cond in enumerate(CONDITIONS):
         for g, name in enumerate(names):
-            out[f"{cond}/{name}"] = (sums[c, g, 0] / sums[c, g, 1].clamp(min=1)).item()
+            total = sums[c, g, 1].item()
+            out[f"{cond}/{name}"] = sums[c, g, 0].item() / total if total else float("nan")
     for g, name in enumerate(names):
         out[f"count/{name}"] = int(sums[0, g, 1].item())
         out[f"majority/{name}"] = (words[g].max() / sums[0, g, 1].clamp(min=1)).item()
