@@ -187,3 +187,22 @@ def test_report_writes_numbers_picture_and_checks(tmp_path):
     assert len(failed) == 2 and "size with shuffled" in failed[0] and "synthetic_shapes" in failed[1]
     proc = subprocess.run([*tool, str(tmp_path / "nothing")], capture_output=True, text=True)
     assert proc.returncode == 2 and "no metrics" in proc.stderr
+
+
+def _validate(layout, corpus, run_dir):
+    from test_trainer import make_trainer
+
+    trainer = make_trainer(layout, corpus, run_dir, 3, "data.val_every_steps=1", "data.val_batches=2")
+    return trainer.validate()
+
+
+def test_validation_reports_attribute_accuracy_on_every_rank_under_zero3(synthetic_corpus, tmp_path):
+    """Two data-parallel ranks over ZeRO-3 partitioned weights: every forward is a collective, so
+    both ranks must run the same number of them (a mismatch hangs); both report the same numbers."""
+    from distributed import run_distributed
+
+    results = run_distributed(_validate, 2, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"))
+    assert results[0] == results[1]
+    for cond in ("true", "shuffled", "no"):
+        for group in ("color", "shape", "size"):
+            assert 0.0 <= results[0][f"val/accuracy/{cond}_images/{group}"] <= 1.0
