@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flamingo_dist-installed
 
-.PHONY: demo test install clean-demo system-deps
+.PHONY: demo test install clean-demo system-deps bench-openflamingo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,14 @@ test: $(STAMP) system-deps
 
 clean-demo:
 	rm -rf runs/debug runs/demo data/synthetic data/synthetic-demo data/backbones
+
+# Training-step speed against OpenFlamingo on the same model, in one run (tools/bench_openflamingo.py).
+# OpenFlamingo is not our dependency: it is installed (without its pinned dependencies) into
+# .bench/openflamingo, beside the project's environment.
+BENCH_OF := .bench/openflamingo
+$(BENCH_OF)/open_flamingo: | $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps --target $(BENCH_OF) open-flamingo==2.0.1 einops einops-exts
+
+bench-openflamingo: $(STAMP) $(BENCH_OF)/open_flamingo
+	$(BIN)/python tools/bench_openflamingo.py --openflamingo $(BENCH_OF) --precision fp32 bf16 --pairs 5 \
+		--out runs/bench-openflamingo.json

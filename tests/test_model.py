@@ -155,3 +155,43 @@ def test_activation_checkpointing_gives_the_same_gradients(world1):
         torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=0, msg=name)
     # the frozen parts got no gradient
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_padding_media_slots_are_not_encoded_and_change_nothing(world1):
+    """A batch of 3 slots per row where row 0 uses 2 and row 1 none (text only): the vision encoder
+    sees only the 2 used images, and loss and every gradient equal those of encoding all 6."""
+    from flamingo_dist.parallelize import apply_freeze
+
+    model, cfg = build(world1)
+    set_gates(model, 0.5)
+    apply_freeze(model)
+    model.train()
+    V = cfg.model.lm.vocab_size
+    ids, mask2 = two_image_batch(V)
+    ids = ids.expand(2, -1).clone()
+    mask = torch.zeros(2, ids.shape[1], 3, dtype=torch.long)
+    mask[0, :, :2] = mask2[0]
+    ids[1][ids[1] >= V] = 7  # row 1: the same text without images
+    pixels = torch.randn(2, 3, 3, 32, 32)
+    seen = []
+    forward = model.vision.forward
+    model.vision.forward = lambda x: seen.append(x.shape[0]) or forward(x)
+
+    def loss_and_grads(skip: bool):
+        model.skip_padding_media = skip
+        model.zero_grad()
+        loss, _ = model(ids, pixels, mask, labels_BT=ids.masked_fill(ids >= V, -100))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_skip, grads_skip = loss_and_grads(True)
+    loss_all, grads_all = loss_and_grads(False)
+    assert seen == [2, 6]
+    torch.testing.assert_close(loss_skip, loss_all, rtol=1e-6, atol=1e-7)
+    assert grads_skip.keys() == grads_all.keys() and any(g.abs().sum() > 0 for g in grads_skip.values())
+    for name in grads_all:
+        torch.testing.assert_close(grads_skip[name], grads_all[name], rtol=1e-5, atol=1e-7, msg=name)
+    seen.clear()
+    model.skip_padding_media = True
+    model(ids[1:], pixels[1:], mask[1:])  # a text-only batch still runs the encoder, on one slot
+    assert seen == [1]

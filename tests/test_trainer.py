@@ -92,3 +92,33 @@ def test_too_many_skipped_steps_stop_every_rank_with_a_message(synthetic_corpus,
     results = run_distributed(_stop_case, 2, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"))
     for step, msg in results:
         assert step == 4 and msg is not None and "max_consecutive_skipped_steps" in msg
+
+
+def _text_only_on_rank1(layout, corpus, run_dir):
+    # gates open from the start, so the resampler gets a gradient in the first step
+    trainer = make_trainer(layout, corpus, run_dir, 3, "train.steps=2", "model.xattn.alpha_init=0.5")
+    (_, batch), = trainer.feed.step_batches(1)
+    if layout.rank == 1:  # the same text without any image: no image tokens, an empty image mask
+        V = trainer.cfg.model.lm.vocab_size
+        ids = batch["input_ids"].masked_fill(batch["input_ids"] >= V, 7)
+        batch = dict(batch, input_ids=ids, labels=batch["labels"].masked_fill(batch["labels"] >= V, 7),
+                     image_attention_mask=torch.zeros_like(batch["image_attention_mask"]),
+                     num_images=torch.zeros_like(batch["num_images"]))
+    before = snapshot(trainer.model, True)
+    loss, _ = trainer._forward(batch)
+    trainer.engine.backward(loss)
+    trainer.engine.step()
+    after = snapshot(trainer.model, True)
+    return float(loss), int(batch["num_images"].sum()), {n: after[n] for n in after if n.startswith("resampler.")}, \
+        [n for n in before if not torch.equal(before[n], after[n])]
+
+
+def test_a_text_only_micro_batch_on_one_rank_trains_under_zero3(synthetic_corpus, tmp_path):
+    """ZeRO-3 gathers weights inside every module call and reduces every gradient: a rank whose
+    micro-batch has no image must still call the vision encoder and resampler (on one slot) and
+    reach the same parameters in backward, or the ranks hang. Both step, and agree."""
+    (loss0, n0, res0, moved0), (loss1, n1, res1, moved1) = run_distributed(
+        _text_only_on_rank1, 2, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"))
+    assert n0 > 0 and n1 == 0 and torch.isfinite(torch.tensor([loss0, loss1])).all()
+    assert moved0 == moved1 and any(n.startswith("resampler.") for n in moved0)
+    assert res0.keys() == res1.keys() and all(torch.equal(res0[n], res1[n]) for n in res0)

@@ -84,6 +84,7 @@ class Flamingo(nn.Module):
         self.layers = nn.ModuleList(
             FlamingoLayer(xattn_blocks.get(i), decoder) for i, decoder in enumerate(lm.layers))
         self.xattn_layer_indices = sorted(xattn_blocks)
+        self.skip_padding_media = True  # encode only the media slots a token attends to (encode_media)
 
     def trainable_modules(self) -> list[nn.Module]:
         """Everything that trains; all other parameters are frozen."""
@@ -93,19 +94,33 @@ class Flamingo(nn.Module):
     def xattn_blocks(self) -> list[tuple[int, GatedCrossAttentionBlock]]:
         return [(i, layer.xattn) for i, layer in enumerate(self.layers) if layer.xattn is not None]
 
-    def encode_media(self, pixel_values_BNCP: torch.Tensor) -> torch.Tensor:
+    def encode_media(self, pixel_values_BNCP: torch.Tensor, used_BN: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N, 3, H, W] images, or [B, N, F, 3, H, W] videos of F frames each -> resampled
-        media [B, N*L, V] (one media slot, L latents, per image or video)."""
+        media [B, N*L, V] (one media slot, L latents, per image or video).
+
+        `used_BN` (bool): the slots some token attends to. Only those go through the vision
+        encoder and the resampler (a packed batch has padding slots, often most of them); the
+        others get zero latents, which no token sees. At least one slot is always encoded, so
+        every rank calls the same modules also for a text-only micro-batch (ZeRO-3 gathers the
+        weights inside them, and every rank's backward must reach the same parameters)."""
         B, N = pixel_values_BNCP.shape[:2]
         video = pixel_values_BNCP.dim() == 6
-        feats_XSV = self.vision(pixel_values_BNCP.flatten(0, 2 if video else 1))  # X = B*N(*F), no autograd
+        used_X = torch.ones(B * N, dtype=torch.bool, device=pixel_values_BNCP.device)
+        if used_BN is not None and self.skip_padding_media:
+            used_X = used_BN.reshape(-1).clone()
+            used_X[0] |= not bool(used_X.any())
+        slots_M = used_X.nonzero().squeeze(1)  # M = encoded slots
+        pixels_M = pixel_values_BNCP.flatten(0, 1).index_select(0, slots_M)
+        feats_XSV = self.vision(pixels_M.flatten(0, 1) if video else pixels_M)  # X = M(*F), no autograd
         dtype = next(self.resampler.parameters()).dtype
         feats_XSV = feats_XSV.to(dtype)
         if video:  # frames of one video: time embeddings, then resampled together
             F = pixel_values_BNCP.shape[2]
-            feats_XSV = self.resampler.add_time(feats_XSV.view(B * N, F, *feats_XSV.shape[1:]))
-        latents_XLV = self.resampler(feats_XSV)
-        return latents_XLV.view(B, N * self.num_latents, -1)
+            feats_XSV = self.resampler.add_time(feats_XSV.view(len(slots_M), F, *feats_XSV.shape[1:]))
+        latents_MLV = self.resampler(feats_XSV)
+        if len(slots_M) < B * N:
+            latents_MLV = latents_MLV.new_zeros(B * N, *latents_MLV.shape[1:]).index_copy(0, slots_M, latents_MLV)
+        return latents_MLV.view(B, N * self.num_latents, -1)
 
     def hidden_states(self, input_ids_BT, pixel_values_BNCP=None, image_attention_mask_BTN=None,
                       position_ids_BT=None, cache: GenerationCache | None = None,
@@ -124,7 +139,8 @@ class Flamingo(nn.Module):
         if cache is not None and cache.media_BMV is not None:
             media_BMV = cache.media_BMV
         elif pixel_values_BNCP is not None:
-            media_BMV = self.encode_media(pixel_values_BNCP).to(x_BTD.dtype)
+            used_BN = image_attention_mask_BTN.bool().any(dim=1) if image_attention_mask_BTN is not None else None
+            media_BMV = self.encode_media(pixel_values_BNCP, used_BN).to(x_BTD.dtype)
             if cache is not None:
                 cache.media_BMV = media_BMV
         if media_BMV is not None:

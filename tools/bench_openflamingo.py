@@ -1,0 +1,284 @@
+"""Training-step speed of flamingo_dist against OpenFlamingo on the same model, in the same run.
+
+Both stacks train the same Flamingo shape on the same batch: an open_clip ViT 256 wide, 4 layers,
+patch 32 at 224 px (`flamingo-bench-vit`); a LLaMA 512 wide, 8 layers, 8 heads, SwiGLU 1536,
+vocabulary 8192 (the same weights for both, saved once as a Hugging Face directory); a
+Perceiver Resampler of depth 6 with 64 latents (8 heads x 64); cross-attention every 2 layers;
+4 sequences x 256 tokens x 3 images. Each is frozen as it freezes itself: OpenFlamingo trains its
+resampler, its cross-attention blocks and the LM's whole input embedding
+(`create_model_and_transforms`), we train the resampler, the blocks and the decoupled
+embeddings of the two new tokens. A step is forward, backward, gradient clipping at 1.0 and
+AdamW: ours through the DeepSpeed engine (ZeRO-2, one process), OpenFlamingo's as its train loop
+does it. bf16: ours frozen weights in bf16 with fp32 master weights (train.precision bf16);
+OpenFlamingo under `torch.autocast("cpu", bfloat16)`, the CPU form of its `amp_bf16` (its own
+autocast is CUDA's). Inputs as each pipeline delivers them: uint8 pixels normalised in our step,
+normalised floats for OpenFlamingo.
+
+The stacks alternate in separate processes (`--pairs` pairs, the order swapped every pair), so
+both see the same machine state; each process times `--steps` steps after `--warmup`. FLOPs of
+one forward+backward are counted for both with torch's FlopCounterMode.
+
+OpenFlamingo is not a dependency: install it into a folder of its own and point --openflamingo
+at it (`make bench-openflamingo` does both):
+
+    pip install --no-deps --target .bench/openflamingo open-flamingo einops einops-exts
+    python tools/bench_openflamingo.py --openflamingo .bench/openflamingo --precision fp32 bf16 \\
+        --pairs 5 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+VISION = "flamingo-bench-vit"
+LM = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+          max_position_embeddings=512)
+BATCH, SEQ, IMAGES, IMAGE_SIZE = 4, 256, 3, 224
+IMAGE_AT = (5, 90, 170)  # where each image's <image> token sits; its text runs to the next one
+INTERVAL, LATENTS, DEPTH, HEADS, HEAD_DIM = 2, 64, 6, 8, 64
+LR = 1e-4
+
+
+def prepare(work: str) -> None:
+    """The shared frozen weights: a random LLaMA (+ word tokenizer) and a random ViT, once."""
+    import torch
+
+    if os.path.isfile(os.path.join(work, "DONE")):
+        return
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flamingo_dist.data.synthetic import build_tokenizer
+    from flamingo_dist.models.vision import register_model_config
+
+    import open_clip
+
+    os.makedirs(work, exist_ok=True)
+    tok = build_tokenizer(os.path.join(work, "llama"), LM["vocab_size"])
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**LM, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(os.path.join(work, "llama"))
+    register_model_config(VISION)
+    torch.save(open_clip.create_model(VISION).state_dict(), os.path.join(work, "vit.pt"))
+    open(os.path.join(work, "DONE"), "w").close()
+
+
+def token_ids(image_id: int, around_id: int | None, end_of_chunk_id: int | None):
+    """The batch's token ids, the same text in both stacks: random words, each image where
+    IMAGE_AT says. Ours: `<fake><image><fake>` (IDEFICS' layout); OpenFlamingo: `<image>`, and
+    `<|endofchunk|>` closing each image's text."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, LM["vocab_size"] - 10, (BATCH, SEQ), generator=g)
+    ids[:, 0] = 1
+    for k, p in enumerate(IMAGE_AT):
+        ids[:, p] = image_id
+        if around_id is not None:
+            ids[:, p - 1] = ids[:, p + 1] = around_id
+        if end_of_chunk_id is not None:
+            end = IMAGE_AT[k + 1] - 1 if k + 1 < len(IMAGE_AT) else SEQ - 1
+            ids[:, end] = end_of_chunk_id
+    return ids
+
+
+def pixels_uint8():
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (BATCH, IMAGES, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=g)
+
+
+def ours(work: str, precision: str):
+    """(step function, flop-counted forward+backward, trainable parameters) of our stack."""
+    import torch
+
+    from flamingo_dist.build import build_model, resolve_model_config
+    from flamingo_dist.config_load import load_config
+    from flamingo_dist.data.layout import image_attention_mask, labels_for
+    from flamingo_dist.data.processing import normalize_pixels
+    from flamingo_dist.ds_config import resolve_ds_config
+    from flamingo_dist.parallel import MegatronMPU, init_distributed, tp_group
+    from flamingo_dist.parallelize import parallelize
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("BENCH_PORT", "29741"))
+    init_distributed(1)
+    cfg = load_config(None, [
+        "model.synthetic_backbones=null", f"model.lm.path={work}/llama", f"model.vision.model_name={VISION}",
+        f"model.vision.pretrained={work}/vit.pt", f"model.resampler.depth={DEPTH}",
+        f"model.resampler.num_latents={LATENTS}", f"model.resampler.num_heads={HEADS}",
+        f"model.resampler.head_dim={HEAD_DIM}", f"model.xattn.cross_layer_interval={INTERVAL}",
+        f"data.seq_len={SEQ}", f"data.max_images={IMAGES}", f"data.image_size={IMAGE_SIZE}",
+        f"train.micro_batch_size={BATCH}", f"train.precision={precision}", f"train.lr={LR}", "train.warmup_steps=0",
+        f"data.tokenizer={work}/llama"])
+    resolve_model_config(cfg.model)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = build_model(cfg.model, tp_group(), cfg.train.seed, dtype)
+    engine = parallelize(model, cfg, resolve_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"), cfg, 1),
+                         MegatronMPU())
+    V = cfg.model.lm.vocab_size
+    ids = token_ids(V + 1, V, None)
+    mask = image_attention_mask(ids, V + 1, 2, IMAGES)
+    labels = labels_for(ids, torch.ones_like(ids), V + 1, V)
+    px = pixels_uint8()
+
+    def forward_backward():
+        loss, _ = engine(ids, normalize_pixels(px), mask, labels_BT=labels)
+        engine.backward(loss)
+        return loss
+
+    def step():
+        loss = forward_backward()
+        engine.step()
+        return loss.item()
+
+    return step, forward_backward, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def openflamingo(work: str, precision: str, of_path: str):
+    import contextlib
+
+    import torch
+
+    sys.path.insert(0, os.path.abspath(of_path))
+    from open_flamingo import create_model_and_transforms
+
+    from flamingo_dist.data.processing import normalize_pixels
+    from flamingo_dist.models.vision import register_model_config
+
+    register_model_config(VISION)
+    model, _, tok = create_model_and_transforms(VISION, f"{work}/vit.pt", f"{work}/llama", f"{work}/llama",
+                                                cross_attn_every_n_layers=INTERVAL, use_local_files=True)
+    model.train()
+    image_id, eoc_id = tok.convert_tokens_to_ids(["<image>", "<|endofchunk|>"])
+    ids = token_ids(image_id, None, eoc_id)
+    labels = ids.clone()
+    labels[labels == image_id] = -100  # as its train loop does (padding: none here)
+    vision_x = normalize_pixels(pixels_uint8())[:, :, None]  # [B, T_img, F=1, C, H, W]
+    attention = torch.ones_like(ids)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.1)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+    def forward_backward():
+        with autocast():
+            loss = model(vision_x=vision_x, lang_x=ids, attention_mask=attention, labels=labels)[0]
+        loss.backward()
+        return loss
+
+    def step():
+        loss = forward_backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, forward_backward, sum(p.numel() for p in trainable)
+
+
+def worker(args) -> dict:
+    """One stack in this process: warm-up, timed steps, FLOPs of one forward+backward."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    if args.stack == "ours":
+        step, forward_backward, trainable = ours(args.work, args.one_precision)
+    else:
+        step, forward_backward, trainable = openflamingo(args.work, args.one_precision, args.openflamingo)
+    losses = [step() for _ in range(args.warmup)]
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        forward_backward()
+    return {"stack": args.stack, "precision": args.one_precision, "step_times_s": times, "losses": losses,
+            "flops_per_step": counter.get_total_flops(), "trainable_parameters": trainable}
+
+
+def run_one(args, stack: str, precision: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, "--one-precision", precision, "--work",
+           args.work, "--openflamingo", args.openflamingo, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{stack} {precision} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for precision in sorted({r["precision"] for r in runs}):
+        entry = {}
+        for stack in ("ours", "openflamingo"):
+            mine = [r for r in runs if r["stack"] == stack and r["precision"] == precision]
+            rates = [BATCH / statistics.median(r["step_times_s"]) for r in mine]  # per process: its median step
+            entry[stack] = {"samples_per_s": {"min": min(rates), "median": statistics.median(rates), "max": max(rates)},
+                            "tokens_per_s_median": statistics.median(rates) * SEQ,
+                            "step_time_s_median": BATCH / statistics.median(rates),
+                            "flops_per_step": mine[0]["flops_per_step"],
+                            "trainable_parameters": mine[0]["trainable_parameters"], "processes": len(mine)}
+        entry["ratio_ours_over_openflamingo"] = (entry["ours"]["samples_per_s"]["median"]
+                                                 / entry["openflamingo"]["samples_per_s"]["median"])
+        out[precision] = entry
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--openflamingo", required=True, help="folder holding the open_flamingo package")
+    p.add_argument("--work", default=os.path.join(REPO, ".bench", "work"), help="shared weights go here")
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", help="write every measurement and the summary as JSON here")
+    p.add_argument("--worker", choices=["ours", "openflamingo"], help=argparse.SUPPRESS)
+    p.add_argument("--one-precision", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not os.path.isdir(os.path.join(args.openflamingo, "open_flamingo")):
+        print(f"error: --openflamingo {args.openflamingo}: no open_flamingo package there (pip install --no-deps "
+              f"--target {args.openflamingo} open-flamingo einops einops-exts)", file=sys.stderr)
+        return 2
+    if args.worker:
+        args.stack = args.worker
+        print(json.dumps(worker(args)))
+        return 0
+    prepare(args.work)
+    runs = []
+    for precision in args.precision:
+        for pair in range(args.pairs):
+            order = ("ours", "openflamingo") if pair % 2 == 0 else ("openflamingo", "ours")
+            for stack in order:
+                r = run_one(args, stack, precision)
+                runs.append(r)
+                print(f"{precision} pair {pair + 1}/{args.pairs} {stack:12} median step "
+                      f"{statistics.median(r['step_times_s']):.3f} s", flush=True)
+    summary = summarize(runs)
+    for precision, e in summary.items():
+        o, f = e["ours"], e["openflamingo"]
+        print(f"{precision}: ours {o['samples_per_s']['median']:.2f} samples/s "
+              f"({o['samples_per_s']['min']:.2f}-{o['samples_per_s']['max']:.2f}), OpenFlamingo "
+              f"{f['samples_per_s']['median']:.2f} ({f['samples_per_s']['min']:.2f}-{f['samples_per_s']['max']:.2f}): "
+              f"x{e['ratio_ours_over_openflamingo']:.2f}; GFLOP/step {o['flops_per_step'] / 1e9:.0f} vs "
+              f"{f['flops_per_step'] / 1e9:.0f}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"summary": summary, "runs": runs, "shape": {"lm": LM, "vision": VISION, "batch": BATCH,
+                                                                    "seq": SEQ, "images": IMAGES}}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
