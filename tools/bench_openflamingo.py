@@ -14,9 +14,12 @@ OpenFlamingo under `torch.autocast("cpu", bfloat16)`, the CPU form of its `amp_b
 autocast is CUDA's). Inputs as each pipeline delivers them: uint8 pixels normalised in our step,
 normalised floats for OpenFlamingo.
 
-The stacks alternate in separate processes (`--pairs` pairs, the order swapped every pair), so
-both see the same machine state; each process times `--steps` steps after `--warmup`. FLOPs of
-one forward+backward are counted for both with torch's FlopCounterMode.
+The stacks alternate in separate processes (`--pairs` rounds, the order reversed every round),
+so all see the same machine state; each process times `--steps` steps after `--warmup`. FLOPs of
+one forward+backward are counted for each with torch's FlopCounterMode. `--images-per-row 3 2 1 0`
+gives rows fewer images than slots (the rest zero padding, as packed batches have); the stack
+`ours-encode-all` is ours encoding every slot, padding included (the ablation of
+`Flamingo.skip_padding_media`).
 
 OpenFlamingo is not a dependency: install it into a folder of its own and point --openflamingo
 at it (`make bench-openflamingo` does both):
@@ -46,6 +49,7 @@ BATCH, SEQ, IMAGES, IMAGE_SIZE = 4, 256, 3, 224
 IMAGE_AT = (5, 90, 170)  # where each image's <image> token sits; its text runs to the next one
 INTERVAL, LATENTS, DEPTH, HEADS, HEAD_DIM = 2, 64, 6, 8, 64
 LR = 1e-4
+STACKS = ("ours", "openflamingo", "ours-encode-all")
 
 
 def prepare(work: str) -> None:
@@ -71,33 +75,38 @@ def prepare(work: str) -> None:
     open(os.path.join(work, "DONE"), "w").close()
 
 
-def token_ids(image_id: int, around_id: int | None, end_of_chunk_id: int | None):
-    """The batch's token ids, the same text in both stacks: random words, each image where
-    IMAGE_AT says. Ours: `<fake><image><fake>` (IDEFICS' layout); OpenFlamingo: `<image>`, and
-    `<|endofchunk|>` closing each image's text."""
+def token_ids(image_id: int, around_id: int | None, end_of_chunk_id: int | None, per_row: list[int]):
+    """The batch's token ids, the same text in both stacks: random words, row r's first
+    per_row[r] images where IMAGE_AT says. Ours: `<fake><image><fake>` (IDEFICS' layout);
+    OpenFlamingo: `<image>`, and `<|endofchunk|>` closing each image's text."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, LM["vocab_size"] - 10, (BATCH, SEQ), generator=g)
     ids[:, 0] = 1
-    for k, p in enumerate(IMAGE_AT):
-        ids[:, p] = image_id
-        if around_id is not None:
-            ids[:, p - 1] = ids[:, p + 1] = around_id
-        if end_of_chunk_id is not None:
-            end = IMAGE_AT[k + 1] - 1 if k + 1 < len(IMAGE_AT) else SEQ - 1
-            ids[:, end] = end_of_chunk_id
+    for r, n in enumerate(per_row):
+        for k, p in enumerate(IMAGE_AT[:n]):
+            ids[r, p] = image_id
+            if around_id is not None:
+                ids[r, p - 1] = ids[r, p + 1] = around_id
+            if end_of_chunk_id is not None:
+                end = IMAGE_AT[k + 1] - 1 if k + 1 < len(IMAGE_AT) else SEQ - 1
+                ids[r, end] = end_of_chunk_id
     return ids
 
 
-def pixels_uint8():
+def pixels_uint8(per_row: list[int]):
+    """Random images; slots past a row's image count are zeros (padding)."""
     import torch
 
     g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 256, (BATCH, IMAGES, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=g)
+    px = torch.randint(0, 256, (BATCH, IMAGES, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=g)
+    for r, n in enumerate(per_row):
+        px[r, n:] = 0
+    return px
 
 
-def ours(work: str, precision: str):
+def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False):
     """(step function, flop-counted forward+backward, trainable parameters) of our stack."""
     import torch
 
@@ -123,13 +132,14 @@ def ours(work: str, precision: str):
     resolve_model_config(cfg.model)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = build_model(cfg.model, tp_group(), cfg.train.seed, dtype)
+    model.skip_padding_media = not encode_all
     engine = parallelize(model, cfg, resolve_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"), cfg, 1),
                          MegatronMPU())
     V = cfg.model.lm.vocab_size
-    ids = token_ids(V + 1, V, None)
+    ids = token_ids(V + 1, V, None, per_row)
     mask = image_attention_mask(ids, V + 1, 2, IMAGES)
     labels = labels_for(ids, torch.ones_like(ids), V + 1, V)
-    px = pixels_uint8()
+    px = pixels_uint8(per_row)
 
     def forward_backward():
         loss, _ = engine(ids, normalize_pixels(px), mask, labels_BT=labels)
@@ -144,7 +154,7 @@ def ours(work: str, precision: str):
     return step, forward_backward, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def openflamingo(work: str, precision: str, of_path: str):
+def openflamingo(work: str, precision: str, of_path: str, per_row: list[int]):
     import contextlib
 
     import torch
@@ -160,10 +170,10 @@ def openflamingo(work: str, precision: str, of_path: str):
                                                 cross_attn_every_n_layers=INTERVAL, use_local_files=True)
     model.train()
     image_id, eoc_id = tok.convert_tokens_to_ids(["<image>", "<|endofchunk|>"])
-    ids = token_ids(image_id, None, eoc_id)
+    ids = token_ids(image_id, None, eoc_id, per_row)
     labels = ids.clone()
     labels[labels == image_id] = -100  # as its train loop does (padding: none here)
-    vision_x = normalize_pixels(pixels_uint8())[:, :, None]  # [B, T_img, F=1, C, H, W]
+    vision_x = normalize_pixels(pixels_uint8(per_row))[:, :, None]  # [B, T_img, F=1, C, H, W]
     attention = torch.ones_like(ids)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.1)
@@ -191,10 +201,12 @@ def worker(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    if args.stack == "ours":
-        step, forward_backward, trainable = ours(args.work, args.one_precision)
+    if args.stack in ("ours", "ours-encode-all"):
+        step, forward_backward, trainable = ours(args.work, args.one_precision, args.images_per_row,
+                                                 args.stack == "ours-encode-all")
     else:
-        step, forward_backward, trainable = openflamingo(args.work, args.one_precision, args.openflamingo)
+        step, forward_backward, trainable = openflamingo(args.work, args.one_precision, args.openflamingo,
+                                                         args.images_per_row)
     losses = [step() for _ in range(args.warmup)]
     times = []
     for _ in range(args.steps):
@@ -210,7 +222,8 @@ def worker(args) -> dict:
 
 def run_one(args, stack: str, precision: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, "--one-precision", precision, "--work",
-           args.work, "--openflamingo", args.openflamingo, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+           args.work, "--openflamingo", args.openflamingo, "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--images-per-row", *map(str, args.images_per_row)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{stack} {precision} failed:\n{proc.stderr[-4000:]}")
@@ -220,8 +233,8 @@ def run_one(args, stack: str, precision: str) -> dict:
 def summarize(runs: list[dict]) -> dict:
     out = {}
     for precision in sorted({r["precision"] for r in runs}):
-        entry = {}
-        for stack in ("ours", "openflamingo"):
+        entry: dict = {}
+        for stack in sorted({r["stack"] for r in runs}):
             mine = [r for r in runs if r["stack"] == stack and r["precision"] == precision]
             rates = [BATCH / statistics.median(r["step_times_s"]) for r in mine]  # per process: its median step
             entry[stack] = {"samples_per_s": {"min": min(rates), "median": statistics.median(rates), "max": max(rates)},
@@ -229,25 +242,34 @@ def summarize(runs: list[dict]) -> dict:
                             "step_time_s_median": BATCH / statistics.median(rates),
                             "flops_per_step": mine[0]["flops_per_step"],
                             "trainable_parameters": mine[0]["trainable_parameters"], "processes": len(mine)}
-        entry["ratio_ours_over_openflamingo"] = (entry["ours"]["samples_per_s"]["median"]
-                                                 / entry["openflamingo"]["samples_per_s"]["median"])
+        for stack in entry.copy():
+            if stack != "ours" and "ours" in entry:
+                entry[f"ratio_ours_over_{stack}"] = (entry["ours"]["samples_per_s"]["median"]
+                                                     / entry[stack]["samples_per_s"]["median"])
         out[precision] = entry
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--openflamingo", required=True, help="folder holding the open_flamingo package")
+    p.add_argument("--openflamingo", default=os.path.join(REPO, ".bench", "openflamingo"),
+                   help="folder holding the open_flamingo package")
     p.add_argument("--work", default=os.path.join(REPO, ".bench", "work"), help="shared weights go here")
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--stacks", nargs="+", default=["ours", "openflamingo"], choices=STACKS)
+    p.add_argument("--images-per-row", nargs=BATCH, type=int, default=[IMAGES] * BATCH,
+                   help=f"images used in each of the {BATCH} rows (0-{IMAGES}; the other slots are padding)")
     p.add_argument("--out", help="write every measurement and the summary as JSON here")
-    p.add_argument("--worker", choices=["ours", "openflamingo"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)
     p.add_argument("--one-precision", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not os.path.isdir(os.path.join(args.openflamingo, "open_flamingo")):
+    if any(not 0 <= n <= IMAGES for n in args.images_per_row):
+        print(f"error: --images-per-row: each count must be in 0..{IMAGES}", file=sys.stderr)
+        return 2
+    if "openflamingo" in args.stacks and not os.path.isdir(os.path.join(args.openflamingo, "open_flamingo")):
         print(f"error: --openflamingo {args.openflamingo}: no open_flamingo package there (pip install --no-deps "
               f"--target {args.openflamingo} open-flamingo einops einops-exts)", file=sys.stderr)
         return 2
@@ -259,7 +281,7 @@ def main(argv=None) -> int:
     runs = []
     for precision in args.precision:
         for pair in range(args.pairs):
-            order = ("ours", "openflamingo") if pair % 2 == 0 else ("openflamingo", "ours")
+            order = args.stacks if pair % 2 == 0 else args.stacks[::-1]
             for stack in order:
                 r = run_one(args, stack, precision)
                 runs.append(r)
@@ -267,16 +289,19 @@ def main(argv=None) -> int:
                       f"{statistics.median(r['step_times_s']):.3f} s", flush=True)
     summary = summarize(runs)
     for precision, e in summary.items():
-        o, f = e["ours"], e["openflamingo"]
-        print(f"{precision}: ours {o['samples_per_s']['median']:.2f} samples/s "
-              f"({o['samples_per_s']['min']:.2f}-{o['samples_per_s']['max']:.2f}), OpenFlamingo "
-              f"{f['samples_per_s']['median']:.2f} ({f['samples_per_s']['min']:.2f}-{f['samples_per_s']['max']:.2f}): "
-              f"x{e['ratio_ours_over_openflamingo']:.2f}; GFLOP/step {o['flops_per_step'] / 1e9:.0f} vs "
-              f"{f['flops_per_step'] / 1e9:.0f}")
+        for stack in args.stacks:
+            r = e[stack]
+            print(f"{precision} {stack:15} {r['samples_per_s']['median']:.2f} samples/s "
+                  f"({r['samples_per_s']['min']:.2f}-{r['samples_per_s']['max']:.2f}), "
+                  f"{r['flops_per_step'] / 1e9:.0f} GFLOP/step, {r['trainable_parameters'] / 1e6:.1f}M trainable")
+        for key, value in e.items():
+            if key.startswith("ratio_"):
+                print(f"{precision} {key}: x{value:.2f}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"summary": summary, "runs": runs, "shape": {"lm": LM, "vision": VISION, "batch": BATCH,
-                                                                    "seq": SEQ, "images": IMAGES}}, fh, indent=1)
+                                                                    "seq": SEQ, "images": IMAGES,
+                                                                    "images_per_row": args.images_per_row}}, fh, indent=1)
     return 0
 
 
