@@ -18,10 +18,12 @@ from flamingo_dist.models.lm import NUM_NEW_TOKENS, padded_vocab_size
 
 
 def train_flops(cfg: ModelConfig, vision: dict, batch_size: int, seq_len: int, num_images: int,
-                tp_size: int = 1) -> float:
+                tp_size: int = 1, encoded_images: float | None = None) -> float:
     """FLOPs of forward + backward for `batch_size` sequences of `seq_len` tokens, each with
-    `num_images` image slots (all slots are encoded, padding slots included). `vision` is
-    `VisionEncoder.shape()`."""
+    `num_images` image slots that every text token's cross-attention spans. `encoded_images`: the
+    images of the whole batch that go through the vision encoder and resampler (padding slots no
+    token attends to are skipped, `Flamingo.encode_media`); default all `batch_size * num_images`
+    slots. `vision` is `VisionEncoder.shape()`."""
     lm, r = cfg.lm, cfg.resampler
     v = vision
     D, E, I, T = lm.hidden_size, lm.head_dim, lm.intermediate_size, seq_len
@@ -45,4 +47,6 @@ def train_flops(cfg: ModelConfig, vision: dict, batch_size: int, seq_len: int, n
     # vision encoder per image, no autograd: patch conv, blocks (qkv, o, MLP), attention
     mlp = v["mlp"]
     vit = 2 * (S - 1) * 3 * P * P * Dv + v["layers"] * (2 * S * (4 * Dv * Dv + 2 * Dv * mlp) + 4 * S * S * Dv)
-    return float(batch_size * (frozen + trainable_head + xattn + num_images * (res + vit)))
+    if encoded_images is None:
+        encoded_images = batch_size * num_images
+    return float(batch_size * (frozen + trainable_head + xattn) + encoded_images * (res + vit))

@@ -28,7 +28,13 @@ def metrics(run_dir):
 
 # (stage, tp, dp): every ZeRO stage with TP in {1, 2} x DP in {1, 2}
 MATRIX = [(s, tp, dp) for s in (1, 2, 3) for tp in (1, 2) for dp in (1, 2)]
-LAYOUT_TOL = 1e-5  # fp32: layouts differ only in reduction order (seen: <= 4e-7 relative)
+# fp32: layouts differ only in reduction order. Step 1 (the same weights) agrees to rounding; after
+# that Adam divides each update by sqrt(v), so rounding-level differences in small gradients grow
+# step by step (seen by step 12 at the debug lr 3e-3: up to 1.3e-5 relative for ZeRO-3 here, 1.5e-5
+# for TP=2 x DP=2 on CI's CPU). A layout bug (a wrong gradient scale, a missed all-reduce, a
+# misplaced optimizer partition) is orders of magnitude above either bound.
+FIRST_STEP_TOL = 1e-5
+LAYOUT_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +71,8 @@ def test_loss_and_grad_norm_agree_across_stages_and_layouts(matrix_runs):
     for key, m in matrix_runs.items():
         for step, (got, want) in enumerate(zip(m, ref), start=1):
             for k in ("loss", "grad_norm"):
-                assert abs(got[k] - want[k]) <= LAYOUT_TOL * abs(want[k]), f"{key} step {step} {k}: {got[k]} vs {want[k]}"
+                tol = FIRST_STEP_TOL if step == 1 else LAYOUT_TOL
+                assert abs(got[k] - want[k]) <= tol * abs(want[k]), f"{key} step {step} {k}: {got[k]} vs {want[k]}"
 
 
 def mlflow_contents(db_path):

@@ -94,8 +94,10 @@ def main(argv=None) -> int:
 
     t, d = cfg.train, cfg.data
     seqs_per_step = t.micro_batch_size * t.grad_accum_steps * layout.dp_size
+    # Padding media slots are not encoded (Flamingo.encode_media): the vision encoder and resampler
+    # count the images the steps really had.
     flops_per_step = train_flops(cfg.model, trainer.model.vision.shape(), seqs_per_step, d.seq_len, d.max_images,
-                                 layout.tp_size)
+                                 layout.tp_size, encoded_images=images / args.steps)
     mem = [None] * layout.world_size
     dist.all_gather_object(mem, round(peak_memory_gib(layout.device), 3))
     peak = args.peak_tflops or device_peak_tflops(t.precision)
