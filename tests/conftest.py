@@ -19,6 +19,15 @@ def synthetic_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tokenizer(synthetic_corpus):
+    """The synthetic corpus's word tokenizer (with IDEFICS' image tokens)."""
+    from flamingo_dist.data.synthetic import VOCAB_SIZE
+    from flamingo_dist.hf_llama import load_tokenizer
+
+    return load_tokenizer(f"{synthetic_corpus}/tokenizer", VOCAB_SIZE)
+
+
+@pytest.fixture(scope="session")
 def synthetic_backbones():
     """The debug flavor's synthetic backbones where every trainer test and `make demo` find them
     (the repository's data/backbones), built once when missing (about 45 s)."""

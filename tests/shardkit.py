@@ -123,19 +123,27 @@ def mmc4_doc(i: int, sims=(0.3, 0.3), inline=(True, False), bad_b64=False) -> di
 
 
 def mmc4_set(out: str) -> tuple[list[str], int, dict]:
+    """A bad field of one image entry drops only that image (the documents with the other image
+    count as good); a document whose every image is bad is counted under the first one's reason."""
     good = [mmc4_doc(i) for i in range(5)] + [mmc4_doc(5, sims=(0.1, 0.5))]  # one image under the threshold
     nomatch = mmc4_doc(6, sims=(0.1, 0.2))  # no_image: nothing above the threshold
-    b64 = mmc4_doc(7, bad_b64=True)  # undecodable_image
+    b64 = mmc4_doc(7, bad_b64=True)  # image 0 dropped (undecodable_image), image 1 kept: good
     nomember = mmc4_doc(8)
-    del nomember["img1.jpg"]  # missing_key
+    del nomember["img1.jpg"]  # image 1 dropped (missing_key): good
     noindex = mmc4_doc(9)
     meta = json.loads(noindex["json"])
     del meta["image_info"][0]["matched_text_index"]
-    noindex["json"] = json.dumps(meta)  # missing_key
+    noindex["json"] = json.dumps(meta)  # image 0 dropped (missing_key): good
     broken = {"__key__": "mmc4_10", "json": "{\"text_list\": ["}  # malformed_json
-    a = write_tar(os.path.join(out, "mmc4-00000.tar"), good[:3] + [nomatch, b64])
-    b = write_tar(os.path.join(out, "mmc4-00001.tar"), good[3:] + [nomember, noindex, broken])
-    return [a, b], 6, {"no_image": 1, "undecodable_image": 1, "missing_key": 2, "malformed_json": 1}
+    all_b64 = mmc4_doc(11, inline=(True, True), bad_b64=True)  # undecodable_image: both images bad
+    no_sim = mmc4_doc(12)
+    meta = json.loads(no_sim["json"])
+    for info in meta["image_info"]:
+        info["matched_sim"] = None
+    no_sim["json"] = json.dumps(meta)  # bad_field: no image has a usable similarity
+    a = write_tar(os.path.join(out, "mmc4-00000.tar"), good[:3] + [nomatch, b64, all_b64])
+    b = write_tar(os.path.join(out, "mmc4-00001.tar"), good[3:] + [nomember, noindex, broken, no_sim])
+    return [a, b], 9, {"no_image": 1, "undecodable_image": 1, "malformed_json": 1, "bad_field": 1}
 
 
 def video_set(out: str) -> tuple[list[str], int, dict]:
@@ -152,3 +160,19 @@ def video_set(out: str) -> tuple[list[str], int, dict]:
     a = write_tar(os.path.join(out, "video-00000.tar"), good[:3] + bad[:1])
     b = write_tar(os.path.join(out, "video-00001.tar"), good[3:] + bad[1:])
     return [a, b], 5, {"missing_key": 2, "undecodable_image": 1}
+
+
+def one_pass(fmt, shards, tokenizer, **limits):
+    """The documents (keys) and the counters of one whole pass of a one-stream source, read as
+    training reads it."""
+    from flamingo_dist.data.pipeline import Source, Stream
+    from flamingo_dist.data.processing import Limits, Processor
+
+    proc = Processor(tokenizer, seq_len=256, max_images=5, image_size=32, frames=4 if fmt == "video" else 0,
+                     limits=Limits(**limits))
+    stream = Stream(Source("s", fmt, shards, min_sim=0.24, image_after_text_p=0.5), proc, 0, 1, seed=0)
+    keys = []
+    for before, enc in stream._docs:
+        if stream.pass_counts:
+            return keys, stream.pass_counts[0]
+        keys.append(enc.key)

@@ -7,14 +7,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def tokenizer(synthetic_corpus):
-    from flamingo_dist.data.synthetic import VOCAB_SIZE
-    from flamingo_dist.hf_llama import load_tokenizer
-
-    return load_tokenizer(f"{synthetic_corpus}/tokenizer", VOCAB_SIZE)
-
-
 def idefics_processor(tokenizer):
     from transformers import IdeficsImageProcessor, IdeficsProcessor
 

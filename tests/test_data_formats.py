@@ -14,29 +14,6 @@ SETS = {"pairs": shardkit.pairs_set, "obelics": shardkit.obelics_set, "mmc4": sh
         "video": shardkit.video_set}
 
 
-@pytest.fixture(scope="module")
-def tokenizer(synthetic_corpus):
-    from flamingo_dist.data.synthetic import VOCAB_SIZE
-    from flamingo_dist.hf_llama import load_tokenizer
-
-    return load_tokenizer(f"{synthetic_corpus}/tokenizer", VOCAB_SIZE)
-
-
-def one_pass(fmt, shards, tokenizer, **limits):
-    """The documents (keys) and the counters of one whole pass of a one-stream source."""
-    from flamingo_dist.data.pipeline import Source, Stream
-    from flamingo_dist.data.processing import Limits, Processor
-
-    proc = Processor(tokenizer, seq_len=256, max_images=5, image_size=32, frames=4 if fmt == "video" else 0,
-                     limits=Limits(**limits))
-    stream = Stream(Source("s", fmt, shards, min_sim=0.24, image_after_text_p=0.5), proc, 0, 1, seed=0)
-    keys = []
-    for before, enc in stream._docs:
-        if stream.pass_counts:
-            return keys, stream.pass_counts[0]
-        keys.append(enc.key)
-
-
 @pytest.mark.parametrize("fmt", list(SETS))
 def test_good_samples_come_out_and_bad_ones_are_counted_per_reason(fmt, tmp_path, tokenizer):
     from flamingo_dist.data.formats import REASONS
@@ -44,7 +21,7 @@ def test_good_samples_come_out_and_bad_ones_are_counted_per_reason(fmt, tmp_path
 
     shards, good, reasons = SETS[fmt](str(tmp_path))
     limit = shardkit.HUGE ** 2 - 1
-    keys, counts = one_pass(fmt, shards, tokenizer, max_image_pixels=limit)
+    keys, counts = shardkit.one_pass(fmt, shards, tokenizer, max_image_pixels=limit)
     assert len(keys) == len(set(keys)) == good, keys
     assert all(not k.startswith(("bad", "vid_no", "vid_bad")) for k in keys)
     assert counts["documents"] == good
@@ -58,7 +35,7 @@ def test_good_samples_come_out_and_bad_ones_are_counted_per_reason(fmt, tmp_path
 
 def test_damaged_image_in_a_document_drops_only_that_image(tmp_path, tokenizer):
     shards, _, _ = shardkit.obelics_set(str(tmp_path))
-    _, counts = one_pass("obelics", shards, tokenizer)
+    _, counts = shardkit.one_pass("obelics", shards, tokenizer)
     assert counts["images_dropped"] == 1  # doc9's c.jpg
 
 

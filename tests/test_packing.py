@@ -17,14 +17,6 @@ def world1():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(synthetic_corpus):
-    from flamingo_dist.data.synthetic import VOCAB_SIZE
-    from flamingo_dist.hf_llama import load_tokenizer
-
-    return load_tokenizer(f"{synthetic_corpus}/tokenizer", VOCAB_SIZE)
-
-
-@pytest.fixture(scope="module")
 def model(world1):
     from flamingo_dist.build import build_model
     from flamingo_dist.parallel import tp_group

@@ -3,7 +3,8 @@ decoded; reports samples, usable documents, images, and bad samples per reason w
 
     python tools/check_shards.py --format pairs 'shards/cc/pairs-{00000..00099}.tar' [--json report.json]
 
-Exit status: 0 when every sample is usable, 1 when some are bad, 2 on a missing shard set.
+Exit status: 0 when every sample and every image in it is usable, 1 when some samples are bad or
+some images were left out of usable documents, 2 on a missing shard set.
 """
 
 import argparse
@@ -37,10 +38,15 @@ def main(argv=None) -> int:
     print(f"{rep.shards} shards, {rep.samples} samples: {rep.good} usable ({rep.images} images), {bad} bad")
     for reason, n in rep.as_dict()["skipped"].items():
         print(f"  {reason}: {n}   e.g. {'; '.join(rep.examples[reason])}")
+    dropped = rep.as_dict()["images_dropped"]
+    if dropped:
+        print(f"images left out of usable documents: {sum(dropped.values())}")
+        for reason, n in dropped.items():
+            print(f"  {reason}: {n}   e.g. {'; '.join(rep.examples[reason])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rep.as_dict(), f, indent=1)
-    return 1 if bad else 0
+    return 1 if bad or dropped else 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ the frames of one video). The four formats:
   container ``key.gif|webp``; caption in ``key.txt`` or ``key.json`` {"caption"}.
 
 Every problem is a `BadSample` with one of `REASONS`, so it can be counted and the sample skipped.
+A problem with one image of a document (a missing member, bad base64, a malformed MMC4
+`image_info` entry) drops only that image: the document keeps the others and lists the dropped
+one's BadSample in `Document.dropped`; a document left with no image is bad, under the reason of
+its first dropped image. A field of the wrong type (``"matched_sim": null``, a number where text
+belongs) is `bad_field`.
 """
 
 from __future__ import annotations
@@ -29,17 +34,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 import random
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Union
 
 FORMATS = ("obelics", "mmc4", "pairs", "video")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-REASONS = ("truncated_tar", "malformed_json", "missing_key", "undecodable_image", "image_too_large", "no_image",
-           "no_text")
+REASONS = ("truncated_tar", "malformed_json", "missing_key", "bad_field", "undecodable_image", "image_too_large",
+           "no_image", "no_text")
 _FRAME = re.compile(r"^frame(\d+)\.(jpg|jpeg|png|webp)$")
 
 
@@ -68,6 +74,7 @@ Item = Union[str, Media]
 class Document:
     items: list[Item]
     key: str = ""
+    dropped: list[BadSample] = field(default_factory=list)  # images left out while parsing, one each
 
 
 # --------------------------------------------------------------------------- tar reading
@@ -79,7 +86,10 @@ def _octal(field: bytes) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for large sizes
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise _Damage(f"corrupt number field {bytes(field)!r} in a header") from None
 
 
 def _tar_members(f) -> Iterator[tuple[str, int, int]]:
@@ -172,7 +182,16 @@ def _json(sample: dict, name: str = "json") -> dict:
 
 def _text(value, where: str) -> str:
     if not isinstance(value, str):
-        raise BadSample("malformed_json", f"{where}: expected text, got {type(value).__name__}")
+        raise BadSample("bad_field", f"{where}: expected text, got {type(value).__name__}")
+    return value
+
+
+def _list(meta: dict, name: str, key: str) -> list:
+    if name not in meta:
+        raise BadSample("missing_key", f"{key}.json: no list {name!r}")
+    value = meta[name]
+    if not isinstance(value, list):
+        raise BadSample("bad_field", f"{key}.json: {name!r} is {type(value).__name__}, not a list")
     return value
 
 
@@ -185,7 +204,7 @@ def _check_document(doc: Document) -> Document:
             merged.append(item)
     doc.items = merged
     if not any(isinstance(it, Media) for it in doc.items):
-        raise BadSample("no_image", doc.key)
+        raise doc.dropped[0] if doc.dropped else BadSample("no_image", doc.key)
     if not any(isinstance(it, str) and it.strip() for it in doc.items):
         raise BadSample("no_text", doc.key)
     return doc
@@ -193,58 +212,80 @@ def _check_document(doc: Document) -> Document:
 
 def parse_obelics(sample: dict) -> Document:
     meta, key = _json(sample), sample["__key__"]
-    texts, images = meta.get("texts"), meta.get("images")
-    if not isinstance(texts, list) or not isinstance(images, list):
-        raise BadSample("missing_key", f"{key}.json: needs lists 'texts' and 'images'")
+    texts, images = _list(meta, "texts", key), _list(meta, "images", key)
     if len(texts) != len(images):
         raise BadSample("malformed_json", f"{key}.json: 'texts' ({len(texts)}) and 'images' ({len(images)}) differ")
-    items: list[Item] = []
+    doc = Document([], key)
     for i, (text, image) in enumerate(zip(texts, images)):
         if image is not None:
-            name = _text(image, f"{key}.json images[{i}]").lower()
-            if name not in sample:
-                raise BadSample("missing_key", f"{key}: image member .{name} not in the shard")
-            items.append(Media([sample[name]], name=name))
-        elif text:
-            items.append(_text(text, f"{key}.json texts[{i}]"))
-    return _check_document(Document(items, key))
+            if not isinstance(image, str):
+                doc.dropped.append(BadSample("bad_field", f"{key}.json images[{i}]: {type(image).__name__}, "
+                                                          "not a member name"))
+            elif image.lower() not in sample:
+                doc.dropped.append(BadSample("missing_key", f"{key}: image member .{image.lower()} not in the shard"))
+            else:
+                doc.items.append(Media([sample[image.lower()]], name=image.lower()))
+        elif text is not None and _text(text, f"{key}.json texts[{i}]"):
+            doc.items.append(text)
+    return _check_document(doc)
+
+
+def _mmc4_image(sample: dict, info, i: int, num_sentences: int, min_sim: float) -> tuple[int, Media] | None:
+    """(sentence index, image) of one `image_info` entry; None when its similarity is under
+    `min_sim`; BadSample when the entry cannot be used."""
+    key = sample["__key__"]
+    where = f"{key}.json image_info[{i}]"
+    if not isinstance(info, dict):
+        raise BadSample("bad_field", f"{where}: {type(info).__name__}, not an object")
+    sim = info.get("matched_sim", 1.0)
+    if isinstance(sim, bool) or not isinstance(sim, (int, float)) or math.isnan(sim):
+        raise BadSample("bad_field", f"{where}: matched_sim {sim!r} is not a number")
+    if sim < min_sim:
+        return None
+    if "matched_text_index" not in info:
+        raise BadSample("missing_key", f"{where}: no matched_text_index")
+    index = info["matched_text_index"]
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_sentences:
+        raise BadSample("bad_field", f"{where}: matched_text_index {index!r} is not a sentence index "
+                                     f"(0..{num_sentences - 1})")
+    name = info.get("image_name", f"image{i}")
+    if not isinstance(name, str):
+        raise BadSample("bad_field", f"{where}: image_name {name!r} is not text")
+    inline = info.get("image_base64")
+    if inline:
+        if not isinstance(inline, str):
+            raise BadSample("bad_field", f"{where}: image_base64 is {type(inline).__name__}, not text")
+        try:
+            data = base64.b64decode(inline, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise BadSample("undecodable_image", f"{key}: image_base64 of {name}: {e}") from None
+    else:
+        if name.lower() not in sample:
+            raise BadSample("missing_key", f"{key}: image {name} neither inline (image_base64) nor a member")
+        data = sample[name.lower()]
+    return index, Media([data], name=name)
 
 
 def parse_mmc4(sample: dict, min_sim: float, image_after_text_p: float, rng: random.Random) -> Document:
     meta, key = _json(sample), sample["__key__"]
-    sentences, infos = meta.get("text_list"), meta.get("image_info")
-    if not isinstance(sentences, list) or not isinstance(infos, list):
-        raise BadSample("missing_key", f"{key}.json: needs lists 'text_list' and 'image_info'")
+    sentences, infos = _list(meta, "text_list", key), _list(meta, "image_info", key)
+    doc = Document([], key)
     before: dict[int, list[Media]] = {}
     after: dict[int, list[Media]] = {}
     for i, info in enumerate(infos):
-        if not isinstance(info, dict) or "matched_text_index" not in info:
-            raise BadSample("missing_key", f"{key}.json image_info[{i}]: no matched_text_index")
-        if float(info.get("matched_sim", 1.0)) < min_sim:
+        try:
+            placed = _mmc4_image(sample, info, i, len(sentences), min_sim)
+        except BadSample as e:
+            doc.dropped.append(e)
             continue
-        where = info["matched_text_index"]
-        if not isinstance(where, int) or not 0 <= where < len(sentences):
-            raise BadSample("malformed_json", f"{key}.json image_info[{i}]: matched_text_index {where!r} is not a "
-                            f"sentence index (0..{len(sentences) - 1})")
-        name = str(info.get("image_name", f"image{i}"))
-        if info.get("image_base64"):
-            try:
-                data = base64.b64decode(info["image_base64"], validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise BadSample("undecodable_image", f"{key}: image_base64 of {name}: {e}") from None
-        else:
-            member = name.lower()
-            if member not in sample:
-                raise BadSample("missing_key", f"{key}: image {name} neither inline (image_base64) nor a member")
-            data = sample[member]
-        side = after if rng.random() < image_after_text_p else before
-        side.setdefault(where, []).append(Media([data], name=name))
-    items: list[Item] = []
+        if placed is not None:
+            side = after if rng.random() < image_after_text_p else before
+            side.setdefault(placed[0], []).append(placed[1])
     for i, sentence in enumerate(sentences):
-        items.extend(before.get(i, []))
-        items.append(_text(sentence, f"{key}.json text_list[{i}]"))
-        items.extend(after.get(i, []))
-    return _check_document(Document(items, key))
+        doc.items.extend(before.get(i, []))
+        doc.items.append(_text(sentence, f"{key}.json text_list[{i}]"))
+        doc.items.extend(after.get(i, []))
+    return _check_document(doc)
 
 
 def parse_pair(sample: dict) -> Document:
@@ -276,9 +317,10 @@ def parse_video(sample: dict) -> Document:
     if "txt" in sample:
         caption = sample["txt"].decode("utf-8", errors="replace")
     elif "json" in sample:
-        caption = _json(sample).get("caption")
-        if caption is None:
+        meta = _json(sample)
+        if "caption" not in meta:
             raise BadSample("missing_key", f"{key}.json: no caption")
+        caption = meta["caption"]
         caption = _text(caption, f"{key}.json caption")
     else:
         raise BadSample("missing_key", f"{key}: no .txt or .json caption")

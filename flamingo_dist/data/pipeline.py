@@ -21,9 +21,11 @@ How the data is dealt (one source; every source the same way, independently):
   global sequence as long as dp x workers still divides S; otherwise it is refused with the
   numbers (set `data.streams` to a multiple of every layout you plan to use).
 
-Bad samples are skipped and counted per reason (formats.REASONS) in the stream's counters. When a
-shard's skip rate passes `data.max_skip_rate` (after `data.skip_rate_min_samples` samples of that
-shard) the batch carries an error naming the shard, and the trainer stops the run with it.
+Bad samples are skipped and counted per reason (formats.REASONS) in the stream's counters, and so
+are the images left out of documents that were kept (`images_dropped/<reason>`). When a shard's
+skip rate passes `data.max_skip_rate` (judged once `data.skip_rate_min_samples` samples of that
+shard were read, or when a smaller shard ends) the batch carries an error naming the shard, and
+the trainer stops the run with it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import torch
 from flamingo_dist.data.formats import REASONS, BadSample, parse, read_shard
 from flamingo_dist.data.processing import Encoded, Processor
 
-COUNTERS = ("samples", "documents", "images_dropped") + tuple(f"skipped/{r}" for r in REASONS)
+COUNTERS = (("samples", "documents", "images_dropped") + tuple(f"skipped/{r}" for r in REASONS)
+            + tuple(f"images_dropped/{r}" for r in REASONS))
 
 
 def list_shards(spec: str, what: str = "data.shards") -> list[str]:
@@ -98,6 +101,8 @@ class Stream:
                              f"({len(source.shards)} shards); use fewer data.streams or more shards")
         self.max_skip_rate, self.min_samples = max_skip_rate, skip_rate_min_samples
         self.state = _copy(state or initial_state())
+        for c in COUNTERS:  # a state saved before a counter existed starts it at 0
+            self.state["counts"].setdefault(c, 0)
         self.pending: Optional[tuple[dict, Encoded]] = None  # (state before it, document)
         self.error: Optional[str] = None
         self.pass_counts: list[dict] = []  # the counters at the end of each pass this object finished
@@ -115,9 +120,13 @@ class Stream:
         if reason is not None:
             st["counts"][f"skipped/{reason}"] += 1
             st["shard_skipped"] += 1
-        n, bad = st["shard_samples"], st["shard_skipped"]
-        if self.error is None and n >= self.min_samples and bad > self.max_skip_rate * n:
-            self.error = (f"data source {self.source.name!r}: {bad} of the first {n} samples of shard {path} were "
+        if st["shard_samples"] >= self.min_samples:
+            self._judge(path, "the first ")
+
+    def _judge(self, path: str, which: str) -> None:
+        n, bad = self.state["shard_samples"], self.state["shard_skipped"]
+        if self.error is None and n > 0 and bad > self.max_skip_rate * n:
+            self.error = (f"data source {self.source.name!r}: {bad} of {which}{n} samples of shard {path} were "
                           f"bad (over data.max_skip_rate = {self.max_skip_rate}); run tools/check_shards.py on it")
 
     def _documents(self) -> Iterator[tuple[dict, Encoded]]:
@@ -143,9 +152,13 @@ class Stream:
                         continue
                     self._count(None, path)
                     st["counts"]["documents"] += 1
-                    st["counts"]["images_dropped"] += enc.dropped_images
+                    st["counts"]["images_dropped"] += len(enc.dropped)
+                    for reason in enc.dropped:
+                        st["counts"][f"images_dropped/{reason}"] += 1
                     good_in_pass += 1
                     yield before, enc
+                if 0 < st["shard_samples"] < self.min_samples:  # a small shard is judged when it ends
+                    self._judge(path, "all ")
                 st["shard"] += 1
                 st["offset"] = st["shard_samples"] = st["shard_skipped"] = 0
             if good_in_pass == 0 and whole_pass:

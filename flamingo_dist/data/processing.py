@@ -14,6 +14,7 @@ causal stream, exactly as IDEFICS' processor packs.
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,18 @@ def square_uint8(img, image_size: int) -> torch.Tensor:
                     antialias=True).contiguous()
 
 
+def to_rgb(img):
+    """A PIL image of any mode as 8-bit RGB. 16-bit (and 32-bit integer) greyscale, e.g. 16-bit
+    PNGs, is scaled to 8 bits (PIL's own conversion clips it, so it comes out almost white)."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 pixels [..., 3, H, W] -> CLIP-normalised floats (rescale, then normalise, as the
     IDEFICS image processor does); float input is returned as it is (already normalised)."""
@@ -58,7 +71,7 @@ def image_transform(image_size: int):
     so an exported processor reproduces our pixels (to float rounding; tests/test_export_tool.py)."""
 
     def transform(img) -> torch.Tensor:
-        return normalize_pixels(square_uint8(img.convert("RGB"), image_size))
+        return normalize_pixels(square_uint8(to_rgb(img), image_size))
 
     return transform
 
@@ -70,13 +83,23 @@ class Limits:
     jpeg_draft: bool = True
 
 
+# What decoders of untrusted bytes raise on malformed input, besides OSError (PIL's usual one):
+# seen in fuzzing PIL's plugins with cut and flipped bytes.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError,
+                 struct.error, RuntimeError)
+
+
 def open_image(data: bytes, size: int, limits: Limits):
-    """The decoded PIL image of encoded bytes (any mode), or BadSample. JPEGs are decoded in draft mode (the
-    decoder's own 1/2..1/8 scaling) when that still leaves at least `size` pixels per side."""
+    """The decoded PIL image of encoded bytes (any mode), or BadSample. The pixel limit is ours
+    (`Limits.max_image_pixels`, checked from the header before decoding); PIL's own
+    decompression-bomb limit is lifted so it neither overrides ours nor turns an image over it
+    into an "undecodable" one. JPEGs are decoded in draft mode (the decoder's own 1/2..1/8
+    scaling) when that still leaves at least `size` pixels per side."""
     from PIL import Image
 
     if len(data) > limits.max_image_bytes:
         raise BadSample("image_too_large", f"{len(data)} bytes > data.max_image_bytes ({limits.max_image_bytes})")
+    Image.MAX_IMAGE_PIXELS = None  # ours is checked below, from the header
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
@@ -86,10 +109,8 @@ def open_image(data: bytes, size: int, limits: Limits):
             img.draft("RGB", (size, size))
         img.load()
         return img
-    except BadSample:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadSample("undecodable_image", str(e)) from None
+    except DECODE_ERRORS as e:
+        raise BadSample("undecodable_image", f"{type(e).__name__}: {e}") from None
 
 
 class MediaDecoder:
@@ -100,7 +121,10 @@ class MediaDecoder:
         self.image_size, self.frames, self.limits = image_size, frames, limits or Limits()
 
     def transform(self, img) -> torch.Tensor:
-        return square_uint8(img.convert("RGB"), self.image_size)
+        try:  # a decoder can still fail on the pixels it loads lazily (modes, palettes)
+            return square_uint8(to_rgb(img), self.image_size)
+        except DECODE_ERRORS as e:
+            raise BadSample("undecodable_image", f"{type(e).__name__}: {e}") from None
 
     def __call__(self, media: Media) -> torch.Tensor:
         if not media.video:
@@ -112,8 +136,8 @@ class MediaDecoder:
             img = open_image(media.frames[0], self.image_size, self.limits)
             try:
                 frames = [self.transform(f) for f in ImageSequence.Iterator(img)]
-            except (OSError, ValueError) as e:
-                raise BadSample("undecodable_image", f"{media.name}: {e}") from None
+            except DECODE_ERRORS as e:
+                raise BadSample("undecodable_image", f"{media.name}: {type(e).__name__}: {e}") from None
         n = len(frames) if frames is not None else len(media.frames)
         count = self.frames or n
         picks = [round(i * (n - 1) / max(1, count - 1)) for i in range(count)]
@@ -126,9 +150,9 @@ class MediaDecoder:
 def decode_document_media(doc: Document, decode: MediaDecoder, max_media: int | None = None):
     """(items, pixels, failures): the document's items with undecodable media left out (and
     those past `max_media`, with the text after them up to the next media), the decoded media,
-    and the BadSample of each media left out. A document left with no media is bad, under the
-    reason of its first failure."""
-    items, pixels, failures = [], [], []
+    and the BadSample of each media left out (those parsing already left out first). A document
+    left with no media is bad, under the reason of its first failure."""
+    items, pixels, failures = [], [], list(doc.dropped)
     for item in doc.items:
         if isinstance(item, Media):
             if max_media is not None and len(pixels) == max_media:
@@ -150,7 +174,7 @@ class Encoded:
 
     ids: list[int]
     pixels: list[torch.Tensor]
-    dropped_images: int = 0
+    dropped: tuple[str, ...] = ()  # the reason of each image left out
     key: str = ""
 
 
@@ -177,7 +201,7 @@ class Processor:
         text, _ = document_text(items, self.tok.bos_token, self.tok.eos_token)
         ids = self.tok(text, add_special_tokens=False)["input_ids"][: self.seq_len]
         seen = sum(1 for t in ids if t == self.image_id)  # media that survived truncation
-        return Encoded(ids, pixels[:seen], dropped_images=len(failures), key=doc.key)
+        return Encoded(ids, pixels[:seen], dropped=tuple(f.reason for f in failures), key=doc.key)
 
     def fits(self, packed: list[Encoded], enc: Encoded) -> bool:
         if not packed:

@@ -160,13 +160,20 @@ class CheckReport:
     good: int = 0
     images: int = 0
     skipped: Counter = field(default_factory=Counter)
+    images_dropped: Counter = field(default_factory=Counter)  # images left out of usable documents, per reason
     examples: dict = field(default_factory=dict)  # reason -> first few "shard: detail"
     per_shard: dict = field(default_factory=dict)  # shard -> {"samples", "good", "skipped"}
 
+    def example(self, path: str, e: BadSample) -> None:
+        shown = self.examples.setdefault(e.reason, [])
+        if len(shown) < 3:
+            shown.append(f"{os.path.basename(path)}: {e.detail or e}")
+
     def as_dict(self) -> dict:
         return {"shards": self.shards, "samples": self.samples, "good": self.good, "images": self.images,
-                "skipped": {r: self.skipped[r] for r in REASONS if self.skipped[r]}, "examples": self.examples,
-                "per_shard": self.per_shard}
+                "skipped": {r: self.skipped[r] for r in REASONS if self.skipped[r]},
+                "images_dropped": {r: self.images_dropped[r] for r in REASONS if self.images_dropped[r]},
+                "examples": self.examples, "per_shard": self.per_shard}
 
 
 def check_shards(paths: list[str], fmt: str, image_size: int = 224, frames: int = 8, min_sim: float = 0.24,
@@ -183,14 +190,15 @@ def check_shards(paths: list[str], fmt: str, image_size: int = 224, frames: int 
                 if isinstance(sample, BadSample):
                     raise sample
                 doc = parse(fmt, sample, random.Random(index), min_sim, 0.0)
-                _, pixels, _ = decode_document_media(doc, decode)
+                _, pixels, failures = decode_document_media(doc, decode)
                 mine["good"] += 1
                 rep.images += len(pixels)
+                for f in failures:
+                    rep.images_dropped[f.reason] += 1
+                    rep.example(path, f)
             except BadSample as e:
                 mine["skipped"][e.reason] += 1
-                rep.examples.setdefault(e.reason, [])
-                if len(rep.examples[e.reason]) < 3:
-                    rep.examples[e.reason].append(f"{os.path.basename(path)}: {e.detail or e}")
+                rep.example(path, e)
         rep.samples += mine["samples"]
         rep.good += mine["good"]
         rep.skipped.update(mine["skipped"])
