@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flamingo_dist-installed
 
-.PHONY: demo test install clean-demo system-deps bench-openflamingo
+.PHONY: demo test test-fast lint install clean-demo system-deps bench-openflamingo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ system-deps:
 
 test: $(STAMP) system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# The unit tests only (no multi-process run, no minutes-long training): about 2 minutes.
+test-fast: $(STAMP) system-deps
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -ra -m "not multiprocess and not slow" $(PYTEST_ARGS)
+
+# ruff: pyflakes, pycodestyle, bugbear, import order (settings in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean-demo:
 	rm -rf runs/debug runs/demo data/synthetic data/synthetic-demo data/backbones

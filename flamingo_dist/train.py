@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as a script: import the package, not its fo
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[0] = _root
 
-from flamingo_dist.config import ConfigError  # noqa: E402
-from flamingo_dist.config_load import load_config, validate  # noqa: E402
+from flamingo_dist.config.load import load_config, validate  # noqa: E402
+from flamingo_dist.config.schema import ConfigError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,23 +34,41 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override one field, e.g. --set train.steps=5 (repeatable)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest committed checkpoint "
                    "(auto) or from PATH; same as --set checkpoint.resume=...")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a start-up error")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def checked_inputs(config: str | None, overrides: list[str], deepspeed: str, world_size: int):
     """The validated job config for this world size; ConfigError naming every problem (a bad
-    field, a missing DeepSpeed config) before anything heavy is imported."""
+    field, YAML syntax, a missing shard or DeepSpeed config, a resume path that is no checkpoint,
+    an LM config.json we cannot represent, no tokenizer) before anything heavy is imported."""
+    from flamingo_dist.training.inputs import check_inputs
+
     cfg = load_config(config, overrides)
     validate(cfg, world_size=world_size)
-    if not os.path.isfile(deepspeed):
-        raise ConfigError(f"--deepspeed {deepspeed}: no such file")
+    check_inputs(cfg, deepspeed)
     return cfg
 
 
-def main(argv=None) -> int:
-    from flamingo_dist import slurm
+def print_error(e: Exception, debug: bool = False) -> None:
+    """One `error:` line per problem (a ConfigError may list several); the traceback with --debug."""
+    if debug:
+        import traceback
 
+        traceback.print_exception(e)
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "invalid config:" and its problems
+        lines = lines[1:]
+    for line in lines or [type(e).__name__]:
+        print(f"error: {line}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    from flamingo_dist import setup_logging
+    from flamingo_dist.distributed import slurm
+
+    setup_logging()
     stop_flag = slurm.StopFlag().install()  # first: from here on a stop signal only sets the flag
     args = parse_args(argv)
     if slurm.started_by_srun() and args.local_rank is None:  # one srun task per rank (not torchrun's)
@@ -59,11 +77,11 @@ def main(argv=None) -> int:
         overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
         cfg = checked_inputs(args.config, overrides, args.deepspeed, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e, args.debug)
         return 2
 
-    from flamingo_dist.parallel import destroy_distributed, init_distributed
-    from flamingo_dist.trainer import Trainer, TrainingStopped
+    from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
+    from flamingo_dist.training.trainer import Trainer, TrainingStopped
 
     layout = init_distributed(cfg.parallel.tensor_parallel_size)
     trainer = Trainer(cfg, args.deepspeed, layout)
@@ -78,12 +96,12 @@ def main(argv=None) -> int:
         if trainer.stopped:
             status = "KILLED"
             code = slurm.finish_stop(cfg.tracking.run_dir, layout.rank, cfg.slurm.signal_lead_s,
-                                     cfg.slurm.max_timeout_requeues, trainer.log)
+                                     cfg.slurm.max_timeout_requeues)
         else:
             trainer.log(f"done: {state.step} steps, {state.skipped_steps} skipped, {state.tokens_seen} tokens")
             status = "FINISHED"
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e, args.debug)
         return 2
     except TrainingStopped as e:  # the run cannot go on (bad data, diverged); the message says why
         print(f"error: {e}", file=sys.stderr)
@@ -92,6 +110,21 @@ def main(argv=None) -> int:
         trainer.close(status)
         destroy_distributed()
     return code
+
+
+class TrainTask:
+    """What submitit runs in each task: the training entry point (which takes rank and world
+    from SLURM, as under srun). Picklable and importable from the package, so the job loads it."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        code = main(self.argv)
+        if code != 0:  # submitit writes a result only for a return: a stop or an error is an exit
+            sys.stdout.flush()
+            raise SystemExit(code)
+        return code
 
 
 if __name__ == "__main__":

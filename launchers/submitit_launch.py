@@ -8,7 +8,7 @@ trainer as `deepspeed flamingo_dist/train.py`.
 It prints the job id and where the logs are; `--wait` streams rank 0's log until the job ends,
 `--dry-run` prints the sbatch script instead of submitting. The job always starts with
 `--resume auto`, so after a preemption or time-out requeue it continues from the newest committed
-checkpoint of the same run directory and MLflow run (see flamingo_dist/slurm.py).
+checkpoint of the same run directory and MLflow run (see flamingo_dist/distributed/slurm.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,7 +64,7 @@ def _sbatch_extra(items: list[str]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from flamingo_dist.config import ConfigError
+    from flamingo_dist.config.schema import ConfigError
     from flamingo_dist.train import checked_inputs
 
     tasks_per_node = args.tasks_per_node or args.gpus_per_node
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
     import submitit
     from submitit.slurm.slurm import _make_sbatch_string
 
-    from flamingo_dist.slurm import TrainTask
+    from flamingo_dist.train import TrainTask
 
     params = dict(nodes=args.nodes, ntasks_per_node=tasks_per_node, cpus_per_task=args.cpus_per_task,
                   time=args.time, job_name=args.job_name, signal_delay_s=args.signal_lead,
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         command = f"{args.python} -u -m submitit.core._submit {folder}"
         print(_make_sbatch_string(command=command, folder=os.path.join(folder, "%j"), **params))
-        print(f"# each task runs: flamingo_dist.slurm.TrainTask({train_argv})", file=sys.stderr)
+        print(f"# each task runs: flamingo_dist.train.TrainTask({train_argv})", file=sys.stderr)
         return 0
     executor = submitit.SlurmExecutor(folder=os.path.join(folder, "%j"), python=args.python,
                                       max_num_timeout=10 ** 6)  # our trainer decides requeues, not submitit

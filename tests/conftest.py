@@ -22,7 +22,7 @@ def synthetic_corpus(tmp_path_factory):
 def tokenizer(synthetic_corpus):
     """The synthetic corpus's word tokenizer (with IDEFICS' image tokens)."""
     from flamingo_dist.data.synthetic import VOCAB_SIZE
-    from flamingo_dist.hf_llama import load_tokenizer
+    from flamingo_dist.hf.llama import load_tokenizer
 
     return load_tokenizer(f"{synthetic_corpus}/tokenizer", VOCAB_SIZE)
 
@@ -31,7 +31,7 @@ def tokenizer(synthetic_corpus):
 def synthetic_backbones():
     """The debug flavor's synthetic backbones where every trainer test and `make demo` find them
     (the repository's data/backbones), built once when missing (about 45 s)."""
-    from flamingo_dist.config_load import load_config
+    from flamingo_dist.config.load import load_config
     from flamingo_dist.demo.backbones import ensure_backbones
 
     cfg = load_config()

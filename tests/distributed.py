@@ -19,7 +19,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, tp: int, fn, args, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from flamingo_dist.parallel import destroy_distributed, init_distributed
+    from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
 
     try:
         layout = init_distributed(tp)
@@ -55,3 +55,16 @@ def run_distributed(fn, world: int, tp: int, tmp_path, *args) -> list:
             raise AssertionError(f"rank {r} failed:\n{value}")
         results.append(value)
     return results
+
+
+def capture_logs(logger: str, out: list) -> None:
+    """Append every message of a flamingo_dist module logger (INFO and up) to `out`."""
+    import logging
+
+    class _ToList(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            out.append(record.getMessage())
+
+    log = logging.getLogger(logger)
+    log.setLevel(logging.INFO)
+    log.addHandler(_ToList())

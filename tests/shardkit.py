@@ -172,7 +172,7 @@ def one_pass(fmt, shards, tokenizer, **limits):
                      limits=Limits(**limits))
     stream = Stream(Source("s", fmt, shards, min_sim=0.24, image_after_text_p=0.5), proc, 0, 1, seed=0)
     keys = []
-    for before, enc in stream._docs:
+    for _, enc in stream._docs:
         if stream.pass_counts:
             return keys, stream.pass_counts[0]
         keys.append(enc.key)

@@ -298,7 +298,7 @@ PidFile={self.path('run', 'slurmdbd.pid')}
         if os.path.isfile(self.conf):
             _run(["scancel", "--full", "-u", "root"], check=False, env=self.env, timeout=30)
             time.sleep(0.5)
-        for name, p in reversed(self.procs):
+        for _, p in reversed(self.procs):
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGTERM)

@@ -3,7 +3,6 @@ BadSample with a reason, a bad image drops only that image, the pixel limit is o
 images decode right, small shards are judged, and random mutations of real samples of every
 format never raise."""
 
-import base64
 import io
 import json
 import os
@@ -11,7 +10,6 @@ import random
 
 import numpy as np
 import pytest
-
 import shardkit
 
 

@@ -6,8 +6,7 @@ import os
 
 import pytest
 import torch
-
-from distributed import run_distributed
+from distributed import capture_logs, run_distributed
 from test_trainer import make_trainer, snapshot
 
 
@@ -42,7 +41,7 @@ def test_resume_is_bit_identical(tp, synthetic_corpus, tmp_path):
 
 
 def _crash_and_damage(layout, corpus, run_dir):
-    from flamingo_dist import checkpoint
+    from flamingo_dist.training import checkpoint
 
     trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=6", "checkpoint.keep_last=0")
     root = os.path.join(run_dir, "checkpoints")
@@ -53,12 +52,13 @@ def _crash_and_damage(layout, corpus, run_dir):
     trainer.train_step()
     late = trainer.save_checkpoint()
     logs = []
+    capture_logs("flamingo_dist.training.checkpoint", logs)
     out = {}
     torch.distributed.barrier()
     if layout.rank == 0:  # a crash between the shard writes and the commit marker
         os.rename(os.path.join(late, checkpoint.COMMIT), os.path.join(late, "COMMIT.bak"))
     torch.distributed.barrier()
-    out["auto_after_crash"] = checkpoint.resolve_resume("auto", root, logs.append)
+    out["auto_after_crash"] = checkpoint.resolve_resume("auto", root)
     torch.distributed.barrier()
     if layout.rank == 0:  # committed, then a flipped byte in a shard
         os.rename(os.path.join(late, "COMMIT.bak"), os.path.join(late, checkpoint.COMMIT))
@@ -71,11 +71,11 @@ def _crash_and_damage(layout, corpus, run_dir):
         out["damaged"] = shard
     torch.distributed.barrier()
     try:
-        checkpoint.resolve_resume(late, root, logs.append)
+        checkpoint.resolve_resume(late, root)
         out["explicit_error"] = None
     except checkpoint.CheckpointError as e:
         out["explicit_error"] = str(e)
-    out["auto_after_damage"] = checkpoint.resolve_resume("auto", root, logs.append)
+    out["auto_after_damage"] = checkpoint.resolve_resume("auto", root)
     out["good"], out["late"], out["logs"] = good, late, logs
     return out
 
@@ -97,7 +97,7 @@ def _prune(layout, corpus, run_dir):
     trainer.train()
     import time
 
-    from flamingo_dist import checkpoint
+    from flamingo_dist.training import checkpoint
 
     time.sleep(1.0)  # deletion runs in a background thread
     return [os.path.basename(p) for p in checkpoint.committed(os.path.join(run_dir, "checkpoints"))]
@@ -113,7 +113,7 @@ def _full_state(trainer) -> dict:
     shards gathered), plus the optimizer's step count and the learning rate. Collective."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from flamingo_dist.parallel import tp_group
+    from flamingo_dist.distributed.groups import tp_group
 
     def whole(p, t):
         if not getattr(p, "tensor_model_parallel", False) or trainer.layout.tp_size == 1:
@@ -198,7 +198,7 @@ def test_resume_against_another_base_model_is_refused(synthetic_corpus, tmp_path
 
 
 def test_base_model_hashes_are_cached_and_changes_are_named(tmp_path):
-    from flamingo_dist import checkpoint
+    from flamingo_dist.training import checkpoint
 
     base = tmp_path / "llama"
     base.mkdir()

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from flamingo_dist.config import ConfigError
-from flamingo_dist.config_load import load_config, validate
+from flamingo_dist.config.load import load_config, validate
+from flamingo_dist.config.schema import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +67,7 @@ def test_flavors_validate(flavor):
 
 
 def test_deepspeed_auto_is_filled_and_contradictions_are_errors():
-    from flamingo_dist.ds_config import resolve_ds_config
+    from flamingo_dist.config.deepspeed import resolve_ds_config
 
     cfg = load_config(None, ["train.micro_batch_size=3", "train.grad_accum_steps=2", "train.precision=fp32"])
     ds = resolve_ds_config(os.path.join(REPO, "ds_configs/zero2.json"), cfg, dp_size=4)
@@ -89,14 +89,14 @@ def test_deepspeed_auto_is_filled_and_contradictions_are_errors():
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_shipped_deepspeed_configs_resolve(name):
-    from flamingo_dist.ds_config import resolve_ds_config
+    from flamingo_dist.config.deepspeed import resolve_ds_config
 
     ds = resolve_ds_config(os.path.join(REPO, "ds_configs", f"{name}.json"), load_config(), dp_size=2)
     assert ds["zero_optimization"]["stage"] in (1, 2, 3)
 
 
 def test_config_reference_is_current_and_complete():
-    from flamingo_dist.config_docs import field_docs, render
+    from flamingo_dist.config.docs import field_docs, render
 
     missing = [f"{c}.{f}" for c, fields in field_docs().items() for f, d in fields.items() if not d]
     assert missing == [], f"fields without a docstring: {missing}"
@@ -106,7 +106,7 @@ def test_config_reference_is_current_and_complete():
 
 def test_entry_point_import_is_lean():
     """Parsing and validating the config imports none of the heavy stack."""
-    code = ("import sys; import flamingo_dist.train as t; from flamingo_dist.config_load import load_config; load_config();"
+    code = ("import sys; import flamingo_dist.train as t; from flamingo_dist.config.load import load_config; load_config();"
             "heavy = [m for m in ('deepspeed', 'mlflow', 'transformers', 'megatron', 'open_clip', 'webdataset', 'torch')"
             " if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
@@ -134,6 +134,6 @@ def test_data_sources_are_checked_entry_by_entry():
                                           r"workers \(2 x 1\)"):
         validate(load_config(None, ["data.streams=3"]), world_size=2)
     ok = load_config(None, ["data.sources=[{name: a, shards: x, micro_batch_size: 0}]", "train.micro_batch_size=6"])
-    from flamingo_dist.config_load import source_configs
+    from flamingo_dist.config.load import source_configs
 
     assert [(s.name, s.format, s.micro_batch_size, s.weight) for s in source_configs(ok)] == [("a", "obelics", 6, 1.0)]

@@ -16,7 +16,7 @@ def idefics_processor(tokenizer):
 def first_samples(corpus: str, n: int):
     import webdataset as wds
 
-    from flamingo_dist.data.pipeline import list_shards
+    from flamingo_dist.data.formats import list_shards
 
     out = []
     for s in wds.tarfile_samples([{"url": p} for p in list_shards(corpus)]):
@@ -53,7 +53,9 @@ def test_pipeline_layout_and_mask_equal_idefics_processor(synthetic_corpus, toke
 def test_mask_equals_transformers_on_random_packed_sequences():
     """Several documents per sequence (</s> inside), consecutive images, images past the limit."""
     from transformers.models.idefics.processing_idefics import (
-        image_attention_mask_for_packed_input_ids, incremental_to_binary_attention_mask)
+        image_attention_mask_for_packed_input_ids,
+        incremental_to_binary_attention_mask,
+    )
 
     from flamingo_dist.data.layout import image_attention_mask
 
@@ -92,7 +94,7 @@ def test_tokenizer_gets_the_two_new_tokens_at_v_and_v_plus_1(tokenizer):
 
 # ---------------------------------------------------------------- determinism and exact resume
 def _feed(corpus, dp_rank, dp, workers, saved=None, streams=4):
-    from flamingo_dist.config_load import load_config
+    from flamingo_dist.config.load import load_config
     from flamingo_dist.data.feed import DataFeed, resolve_sources
 
     cfg = load_config(None, [f"data.shards={corpus}", "data.seq_len=64", "train.micro_batch_size=2",
@@ -103,7 +105,7 @@ def _feed(corpus, dp_rank, dp, workers, saved=None, streams=4):
 
 def _tok(corpus):
     from flamingo_dist.data.synthetic import VOCAB_SIZE
-    from flamingo_dist.hf_llama import load_tokenizer
+    from flamingo_dist.hf.llama import load_tokenizer
 
     return load_tokenizer(f"{corpus}/tokenizer", VOCAB_SIZE)
 

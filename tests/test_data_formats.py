@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 import shardkit
 from conftest import REPO
 
@@ -92,7 +91,7 @@ def test_video_frames_are_spread_over_the_clip(tmp_path):
 
 
 def test_missing_or_empty_shard_lists_fail_naming_them(tmp_path):
-    from flamingo_dist.data.pipeline import list_shards
+    from flamingo_dist.data.formats import list_shards
 
     with pytest.raises(FileNotFoundError, match="data.shards: no .tar shards"):
         list_shards(str(tmp_path / "nothing-*.tar"))

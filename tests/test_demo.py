@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
 
 
@@ -37,9 +36,9 @@ def test_backbones_are_hugging_face_and_open_clip_weights_that_learned_their_job
 
 
 def test_a_config_points_at_the_backbones_or_says_why_not(synthetic_backbones, tmp_path):
-    from flamingo_dist.build import resolve_model_config
-    from flamingo_dist.config import ConfigError
-    from flamingo_dist.config_load import config_from_dict, load_config
+    from flamingo_dist.config.load import config_from_dict, load_config
+    from flamingo_dist.config.schema import ConfigError
+    from flamingo_dist.training.build import resolve_model_config
 
     cfg = load_config(None, [f"model.synthetic_backbones={synthetic_backbones}"])
     resolve_model_config(cfg.model)
@@ -62,8 +61,8 @@ def test_a_config_points_at_the_backbones_or_says_why_not(synthetic_backbones, t
 
 
 def test_a_half_built_directory_is_not_taken_for_backbones(tmp_path):
-    from flamingo_dist.config import ConfigError
-    from flamingo_dist.config_load import load_config
+    from flamingo_dist.config.load import load_config
+    from flamingo_dist.config.schema import ConfigError
     from flamingo_dist.demo.backbones import ensure_backbones
 
     (tmp_path / "bb").mkdir()

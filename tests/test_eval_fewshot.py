@@ -6,15 +6,14 @@ import os
 
 import pytest
 import torch
-
 from distributed import run_distributed
 
 
 def _debug_model_and_tokenizer(layout, corpus):
-    from flamingo_dist.build import build_model
-    from flamingo_dist.config_load import load_config
-    from flamingo_dist.hf_llama import load_tokenizer
-    from flamingo_dist.parallel import tp_group
+    from flamingo_dist.config.load import load_config
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.hf.llama import load_tokenizer
+    from flamingo_dist.training.build import build_model
 
     cfg = load_config(None, [f"parallel.tensor_parallel_size={layout.tp_size}"])
     model = build_model(cfg.model, tp_group(), seed=0).eval()
@@ -22,12 +21,17 @@ def _debug_model_and_tokenizer(layout, corpus):
 
 
 def _harness(layout, corpus, tasks_dir, run_dir):
-    from flamingo_dist.config_load import load_config
+    from flamingo_dist.config.load import load_config
+    from flamingo_dist.distributed.groups import dp_group
     from flamingo_dist.eval.fewshot import run
-    from flamingo_dist.eval.tasks import (load_classification, load_hateful_memes, load_karpathy, load_vqa,
-                                          write_synthetic_tasks)
-    from flamingo_dist.parallel import dp_group
-    from flamingo_dist.tracking import Tracker
+    from flamingo_dist.eval.tasks import (
+        load_classification,
+        load_hateful_memes,
+        load_karpathy,
+        load_vqa,
+        write_synthetic_tasks,
+    )
+    from flamingo_dist.training.tracking import Tracker
 
     model, tok, cfg = _debug_model_and_tokenizer(layout, corpus)
     if layout.rank == 0:
@@ -80,7 +84,7 @@ def test_synthetic_fewshot_runs_end_to_end_on_two_ranks(synthetic_corpus, tmp_pa
 def test_prompt_layout_demos_then_query(synthetic_corpus, tmp_path):
     from flamingo_dist.eval.fewshot import Prompter, choose_demos
     from flamingo_dist.eval.tasks import load_vqa, write_synthetic_tasks
-    from flamingo_dist.hf_llama import load_tokenizer
+    from flamingo_dist.hf.llama import load_tokenizer
 
     d = write_synthetic_tasks(str(tmp_path / "t"), num_images=6)
     exs = load_vqa(d["vqa_questions"], d["vqa_annotations"], d["image_dir"], "vqav2")
@@ -102,7 +106,7 @@ def test_prompt_layout_demos_then_query(synthetic_corpus, tmp_path):
 def _train_with_eval(layout, corpus, run_dir):
     from test_trainer import make_trainer
 
-    from flamingo_dist.tracking import Tracker
+    from flamingo_dist.training.tracking import Tracker
 
     trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=4", "eval.every_steps=2", "eval.synthetic=true",
                            "eval.max_queries=4", "eval.max_new_tokens=3", "eval.shots=[0,4]")

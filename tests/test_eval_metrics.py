@@ -4,8 +4,8 @@ against scikit-learn, CIDEr gathered from 2 ranks against one direct pycocoevalc
 import random
 
 import pytest
-
 from distributed import run_distributed
+
 from flamingo_dist.eval.metrics import roc_auc, vqa_accuracy, vqa_normalize, vqa_score
 
 

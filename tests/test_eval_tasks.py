@@ -7,8 +7,15 @@ import os
 
 import pytest
 
-from flamingo_dist.eval.tasks import (load_classification, load_hateful_memes, load_karpathy, load_task,
-                                      load_vqa, vqa_image_name, write_synthetic_tasks)
+from flamingo_dist.eval.tasks import (
+    load_classification,
+    load_hateful_memes,
+    load_karpathy,
+    load_task,
+    load_vqa,
+    vqa_image_name,
+    write_synthetic_tasks,
+)
 
 
 @pytest.fixture(scope="module")

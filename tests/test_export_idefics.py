@@ -4,12 +4,12 @@ gives our logits (the external reference for the whole model's semantics)."""
 import pytest
 import torch
 
-from flamingo_dist.config_load import load_config
+from flamingo_dist.config.load import load_config
 
 
 @pytest.fixture(scope="module")
 def world1():
-    from flamingo_dist.parallel import destroy_distributed, init_distributed
+    from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
 
     yield init_distributed(1)
     destroy_distributed()
@@ -18,9 +18,9 @@ def world1():
 def trained_like(world1, *sets, seed: int = 11):
     """A debug model whose trainable weights are all random (gates open), as after training
     (`world1`: an initialised process group; `sets`: config overrides, TP size included)."""
-    from flamingo_dist.build import build_model
-    from flamingo_dist.parallel import tp_group
-    from flamingo_dist.parallelize import apply_freeze
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.training.build import build_model
+    from flamingo_dist.training.engine import apply_freeze
 
     cfg = load_config(None, list(sets))
     model = build_model(cfg.model, tp_group(), seed=seed)
@@ -50,7 +50,7 @@ def inputs(V: int):
 def test_stock_idefics_on_the_export_gives_our_logits(world1, tmp_path, alpha_type, theta):
     from transformers import IdeficsForVisionText2Text
 
-    from flamingo_dist.export_idefics import export_idefics
+    from flamingo_dist.hf.export_idefics import export_idefics
 
     model, cfg = trained_like(world1, "model.xattn.qk_layer_norms=true", f"model.xattn.alpha_type={alpha_type}",
                               f"model.lm.rope_theta={theta}")
@@ -66,7 +66,7 @@ def test_stock_idefics_on_the_export_gives_our_logits(world1, tmp_path, alpha_ty
     with torch.no_grad():  # and the images matter, so the comparison covers the vision path
         assert (model.logits(ids, torch.randn_like(pixels), mask) - ours).abs().max() > 1e-2
     # greedy generation of 20 tokens: the same tokens as stock IDEFICS' generate
-    from flamingo_dist.generate import greedy
+    from flamingo_dist.eval.generate import greedy
 
     prompt = ids[:, :14]  # ends after the second image, before row 1's </s>
     mine = greedy(model, prompt, pixels, mask[:, :14], 20, stop_token_ids=(2,), pad_token_id=0)
@@ -75,7 +75,7 @@ def test_stock_idefics_on_the_export_gives_our_logits(world1, tmp_path, alpha_ty
     theirs = out[:, 14:]
     assert mine.shape == theirs.shape and mine.shape[1] >= 1
     assert torch.equal(mine, theirs), f"ours {mine.tolist()} vs IDEFICS {theirs.tolist()}"
-    from flamingo_dist.generate import beam_search
+    from flamingo_dist.eval.generate import beam_search
 
     finished_early = []
     for row in range(2):  # and beam search with 3 beams, as transformers' generate does it
@@ -104,7 +104,7 @@ def test_stock_idefics_on_the_export_gives_our_logits(world1, tmp_path, alpha_ty
     (["model.resampler.max_frames=8"], "video time embeddings"),
 ])
 def test_unrepresentable_models_are_refused_with_the_reason(world1, tmp_path, sets, reason):
-    from flamingo_dist.export_idefics import ExportError, export_idefics
+    from flamingo_dist.hf.export_idefics import ExportError, export_idefics
 
     model, cfg = trained_like(world1, *sets)
     with pytest.raises(ExportError, match=reason):
@@ -121,7 +121,7 @@ def test_vision_towers_that_are_not_a_plain_vit_are_refused(tmp_path, change, re
 
     import open_clip
 
-    from flamingo_dist.export_idefics import ExportError, check_exportable
+    from flamingo_dist.hf.export_idefics import ExportError, check_exportable
     from flamingo_dist.models import vision
 
     with open(os.path.join(vision._ASSETS, "flamingo-debug-vit.json")) as f:

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from distributed import run_distributed
 from test_export_idefics import inputs
 from test_trainer import make_trainer

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from flamingo_dist.config_load import load_config
+from flamingo_dist.config.load import load_config
 
 
 @pytest.fixture(scope="module")
 def world1():
-    from flamingo_dist.parallel import destroy_distributed, init_distributed
+    from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
 
     yield init_distributed(1)
     destroy_distributed()
@@ -21,10 +21,10 @@ def test_formula_matches_flop_counter(world1, sets, used_slots):
     not encoded: `encoded_images` counts the batch's 2 real images)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from flamingo_dist.build import build_model
-    from flamingo_dist.flops import train_flops
-    from flamingo_dist.parallel import tp_group
-    from flamingo_dist.parallelize import apply_freeze
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.models.flops import train_flops
+    from flamingo_dist.training.build import build_model
+    from flamingo_dist.training.engine import apply_freeze
 
     cfg = load_config(None, sets)
     model = build_model(cfg.model, tp_group(), seed=0)

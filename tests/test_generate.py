@@ -4,7 +4,7 @@ tokens (parity with stock IDEFICS generation is in test_export_idefics.py)."""
 import pytest
 import torch
 
-from flamingo_dist.generate import beam_search, greedy
+from flamingo_dist.eval.generate import beam_search, greedy
 
 
 class Scripted:
@@ -100,7 +100,7 @@ def test_cached_generation_gives_exactly_the_tokens_of_uncached_generation(tp, t
 
 
 def _scoring(layout):
-    from flamingo_dist.generate import continuation_logprobs
+    from flamingo_dist.eval.generate import continuation_logprobs
 
     model, ids, pixels, mask = _model_and_prompt(layout)
     conts = [[5], [7, 9, 11], [300, 2], [7, 9, 12]]

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-
 from distributed import run_distributed
 
 CASES = {
@@ -41,10 +40,10 @@ def reference_logits(path: str, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _our_logits(layout, path: str, ids: torch.Tensor) -> torch.Tensor:
-    from flamingo_dist.config import LMConfig
-    from flamingo_dist.hf_llama import SafetensorsDir, load_lm_weights, resolve_lm_config
+    from flamingo_dist.config.schema import LMConfig
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.hf.llama import SafetensorsDir, load_lm_weights, resolve_lm_config
     from flamingo_dist.models.lm import TPLlama
-    from flamingo_dist.parallel import tp_group
 
     cfg = LMConfig(path=path)
     resolve_lm_config(cfg)
@@ -68,7 +67,7 @@ def test_logits_match_transformers_tp1_and_tp2(case, tmp_path):
 
 
 def test_config_mapping_reads_gqa_tied_theta(tmp_path):
-    from flamingo_dist.hf_llama import read_hf_llama_config
+    from flamingo_dist.hf.llama import read_hf_llama_config
 
     save_random_llama(str(tmp_path), num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                       rope_theta=500000.0)
@@ -92,7 +91,7 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path):
 
 
 def test_wrong_architecture_is_named(tmp_path):
-    from flamingo_dist.hf_llama import CheckpointError, read_hf_llama_config
+    from flamingo_dist.hf.llama import CheckpointError, read_hf_llama_config
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(CheckpointError, match="GPT2LMHeadModel"):
@@ -105,10 +104,10 @@ def test_wrong_architecture_is_named(tmp_path):
 
 
 def _load_mismatched(layout, path):
-    from flamingo_dist.config import LMConfig
-    from flamingo_dist.hf_llama import CheckpointError, DictTensors, SafetensorsDir, load_lm_weights, resolve_lm_config
+    from flamingo_dist.config.schema import LMConfig
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.hf.llama import CheckpointError, DictTensors, SafetensorsDir, load_lm_weights, resolve_lm_config
     from flamingo_dist.models.lm import TPLlama
-    from flamingo_dist.parallel import tp_group
 
     cfg = LMConfig(path=path)
     resolve_lm_config(cfg)
@@ -138,7 +137,7 @@ def test_shape_mismatch_and_missing_tensor_are_named(tmp_path):
 
 
 def test_tokenizer_with_a_different_vocabulary_is_refused(synthetic_corpus):
-    from flamingo_dist.hf_llama import CheckpointError, load_tokenizer
+    from flamingo_dist.hf.llama import CheckpointError, load_tokenizer
 
     with pytest.raises(CheckpointError, match="vocab_size is 1000"):
         load_tokenizer(f"{synthetic_corpus}/tokenizer", 1000)

@@ -2,7 +2,6 @@
 TP=2, and the round trip ours -> IDEFICS -> ours."""
 
 import torch
-
 from distributed import run_distributed
 
 
@@ -38,9 +37,9 @@ def inputs(V: int = 120):
 
 
 def _our_logits(layout, path):
-    from flamingo_dist.build import build_model, resolve_model_config
-    from flamingo_dist.config_load import load_config
-    from flamingo_dist.parallel import tp_group
+    from flamingo_dist.config.load import load_config
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.training.build import build_model, resolve_model_config
 
     cfg = load_config(None, ["model.synthetic_backbones=null", f"model.init_from={path}",
                              f"parallel.tensor_parallel_size={layout.tp_size}"])
@@ -66,10 +65,10 @@ def test_imported_idefics_gives_its_logits_at_tp1_and_tp2(tmp_path):
 
 
 def _round_trip(layout, out_dir):
-    from flamingo_dist.build import build_model, resolve_model_config
-    from flamingo_dist.config_load import load_config
-    from flamingo_dist.export_idefics import export_idefics
-    from flamingo_dist.parallel import tp_group
+    from flamingo_dist.config.load import load_config
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.hf.export_idefics import export_idefics
+    from flamingo_dist.training.build import build_model, resolve_model_config
 
     cfg = load_config(None, ["model.xattn.qk_layer_norms=true", "model.resampler.qk_layer_norms=true"])
     model = build_model(cfg.model, tp_group(), seed=4)

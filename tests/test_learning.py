@@ -25,8 +25,8 @@ STEPS = 500
 
 
 def _learn(layout, corpus_dir, run_dir, *sets):
-    from flamingo_dist.config_load import load_config
-    from flamingo_dist.trainer import Trainer
+    from flamingo_dist.config.load import load_config
+    from flamingo_dist.training.trainer import Trainer
 
     cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), [
         f"data.synthetic_dir={corpus_dir}", "data.synthetic_num_docs=4096", "data.synthetic_val_docs=192",

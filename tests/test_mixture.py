@@ -3,7 +3,6 @@ loss is sum_s weight_s * L_s (L_s the source's mean token loss over the global b
 for DP=1 with accumulation and DP=2 without, on the same global batch."""
 
 import pytest
-
 import shardkit
 from distributed import run_distributed
 from test_trainer import make_trainer

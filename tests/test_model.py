@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from flamingo_dist.config_load import load_config
+from flamingo_dist.config.load import load_config
 
 
 @pytest.fixture(scope="module")
 def world1():
-    from flamingo_dist.parallel import destroy_distributed, init_distributed
+    from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
 
     layout = init_distributed(1)
     yield layout
@@ -16,8 +16,8 @@ def world1():
 
 
 def build(world1, **sets):
-    from flamingo_dist.build import build_model
-    from flamingo_dist.parallel import tp_group
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.training.build import build_model
 
     cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
     return build_model(cfg.model, tp_group(), seed=3, dtype=torch.float32).eval(), cfg
@@ -113,7 +113,7 @@ def test_tokens_without_image_get_zero_cross_attention_but_pass_the_mlp(world1):
 
 @pytest.mark.parametrize("placement,expected", [("idefics", [0, 2]), ("openflamingo", [1, 3])])
 def test_placement(placement, expected):
-    from flamingo_dist.config import xattn_layer_indices
+    from flamingo_dist.config.schema import xattn_layer_indices
 
     shape = ["model.synthetic_backbones=null", "model.lm.num_layers=4", "model.xattn.cross_layer_interval=2"]
     cfg = load_config(None, [*shape, f"model.xattn.placement={placement}"])
@@ -123,7 +123,7 @@ def test_placement(placement, expected):
 
 
 def test_activation_checkpointing_gives_the_same_gradients(world1):
-    from flamingo_dist.parallelize import apply_activation_checkpointing, apply_freeze
+    from flamingo_dist.training.engine import apply_activation_checkpointing, apply_freeze
 
     model, cfg = build(world1)
     set_gates(model, 0.3)
@@ -160,7 +160,7 @@ def test_activation_checkpointing_gives_the_same_gradients(world1):
 def test_padding_media_slots_are_not_encoded_and_change_nothing(world1):
     """A batch of 3 slots per row where row 0 uses 2 and row 1 none (text only): the vision encoder
     sees only the 2 used images, and loss and every gradient equal those of encoding all 6."""
-    from flamingo_dist.parallelize import apply_freeze
+    from flamingo_dist.training.engine import apply_freeze
 
     model, cfg = build(world1)
     set_gates(model, 0.5)

@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from flamingo_dist.config import TrainConfig
-from flamingo_dist.optim import lr_factor, param_groups
+from flamingo_dist.config.schema import TrainConfig
+from flamingo_dist.training.optim import lr_factor, param_groups
 
 
 def test_warmup_then_cosine_to_min_ratio():
@@ -54,7 +54,7 @@ def test_learning_rate_scales_split_the_groups_by_kind():
 def test_the_fused_optimizer_updates_as_the_plain_one():
     """build_optimizer's fused AdamW (both weight-decay groups) against torch's reference
     single-tensor AdamW, over a few steps: the same weights to float rounding."""
-    from flamingo_dist.optim import build_optimizer
+    from flamingo_dist.training.optim import build_optimizer
 
     torch.manual_seed(0)
     fused_model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))

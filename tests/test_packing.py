@@ -4,12 +4,12 @@ outputs), and with per-document self-attention not their tokens either."""
 import pytest
 import torch
 
-from flamingo_dist.config_load import load_config
+from flamingo_dist.config.load import load_config
 
 
 @pytest.fixture(scope="module")
 def world1():
-    from flamingo_dist.parallel import destroy_distributed, init_distributed
+    from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
 
     layout = init_distributed(1)
     yield layout
@@ -18,8 +18,8 @@ def world1():
 
 @pytest.fixture(scope="module")
 def model(world1):
-    from flamingo_dist.build import build_model
-    from flamingo_dist.parallel import tp_group
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.training.build import build_model
 
     cfg = load_config(None, [])
     m = build_model(cfg.model, tp_group(), seed=3, dtype=torch.float32).eval()
@@ -132,8 +132,8 @@ def test_with_per_document_attention_document_1_changes_no_logit_of_document_2(m
 
 
 def test_video_frames_get_time_embeddings_and_are_resampled_together(world1):
-    from flamingo_dist.build import build_model
-    from flamingo_dist.parallel import tp_group
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.training.build import build_model
 
     cfg = load_config(None, ["model.resampler.max_frames=4"])
     m = build_model(cfg.model, tp_group(), seed=3, dtype=torch.float32).eval()

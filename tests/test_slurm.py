@@ -9,8 +9,8 @@ from test_trainer import make_trainer
 
 
 def _stop_case(layout, corpus, run_dir):
-    from flamingo_dist import checkpoint
-    from flamingo_dist.slurm import StopFlag
+    from flamingo_dist.distributed.slurm import StopFlag
+    from flamingo_dist.training import checkpoint
 
     trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=6", "checkpoint.keep_last=0")
     trainer.stop_flag = StopFlag().install()
@@ -36,7 +36,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpo
 
 
 def test_preemptions_requeue_without_limit_and_timeouts_up_to_the_setting(tmp_path):
-    from flamingo_dist.slurm import decide_requeue
+    from flamingo_dist.distributed.slurm import decide_requeue
 
     run = str(tmp_path)
     for _ in range(5):  # a preemption: plenty of time left
@@ -49,7 +49,7 @@ def test_preemptions_requeue_without_limit_and_timeouts_up_to_the_setting(tmp_pa
 
 
 def test_slurm_variables_become_torch_distributed_ones(monkeypatch):
-    from flamingo_dist import slurm
+    from flamingo_dist.distributed import slurm
 
     monkeypatch.setattr(os, "environ", dict(os.environ))  # export_torch_env writes os.environ: keep it here
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
@@ -70,7 +70,7 @@ def test_slurm_variables_become_torch_distributed_ones(monkeypatch):
 
 
 def test_dataloader_workers_ignore_the_stop_signal():
-    from flamingo_dist.slurm import STOP_SIGNALS, ignore_stop_signals
+    from flamingo_dist.distributed.slurm import STOP_SIGNALS, ignore_stop_signals
 
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:

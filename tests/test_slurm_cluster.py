@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from slurm_cluster import LocalCluster, unavailable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

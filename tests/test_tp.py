@@ -3,15 +3,14 @@ same function with the same gradients at TP=2 as at TP=1; replicated weights get
 gradient on every TP rank."""
 
 import torch
-
 from distributed import run_distributed
 
 
 def _forward_backward(layout):
-    from flamingo_dist.build import build_model
-    from flamingo_dist.config_load import load_config
-    from flamingo_dist.parallel import tp_group
-    from flamingo_dist.parallelize import apply_freeze
+    from flamingo_dist.config.load import load_config
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.training.build import build_model
+    from flamingo_dist.training.engine import apply_freeze
 
     cfg = load_config(None, [f"parallel.tensor_parallel_size={layout.tp_size}", "model.lm.num_kv_heads=2",
                              "model.xattn.alpha_type=vector", "model.xattn.qk_layer_norms=true"])

@@ -24,8 +24,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def web_like_jpeg(rng, width: int, height: int) -> bytes:
     import numpy as np
@@ -79,8 +77,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from flamingo_dist.data.formats import BadSample, Media, parse, read_shard
-    from flamingo_dist.data.pipeline import Source, Stream, list_shards
+    from flamingo_dist.data.formats import BadSample, Media, list_shards, parse, read_shard
+    from flamingo_dist.data.pipeline import Source, Stream
     from flamingo_dist.data.processing import Limits, MediaDecoder, Processor
 
     torch.set_num_threads(1)  # as in a DataLoader worker
@@ -91,7 +89,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         shards = write_pairs(os.path.join(tmp, "shards"), args.num, args.width, args.height)
         print(f"generated {args.num} JPEGs {args.width}x{args.height} in {time.time() - t0:.1f}s")
-    from flamingo_dist.hf_llama import load_tokenizer
+    from flamingo_dist.hf.llama import load_tokenizer
 
     tok_dir = args.tokenizer
     if tok_dir is None:

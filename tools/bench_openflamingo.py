@@ -40,7 +40,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 VISION = "flamingo-bench-vit"
 LM = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
@@ -58,12 +57,11 @@ def prepare(work: str) -> None:
 
     if os.path.isfile(os.path.join(work, "DONE")):
         return
+    import open_clip
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from flamingo_dist.data.synthetic import build_tokenizer
     from flamingo_dist.models.vision import register_model_config
-
-    import open_clip
 
     os.makedirs(work, exist_ok=True)
     tok = build_tokenizer(os.path.join(work, "llama"), LM["vocab_size"])
@@ -110,13 +108,13 @@ def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False
     """(step function, flop-counted forward+backward, trainable parameters) of our stack."""
     import torch
 
-    from flamingo_dist.build import build_model, resolve_model_config
-    from flamingo_dist.config_load import load_config
+    from flamingo_dist.config.deepspeed import resolve_ds_config
+    from flamingo_dist.config.load import load_config
     from flamingo_dist.data.layout import image_attention_mask, labels_for
     from flamingo_dist.data.processing import normalize_pixels
-    from flamingo_dist.ds_config import resolve_ds_config
-    from flamingo_dist.parallel import MegatronMPU, init_distributed, tp_group
-    from flamingo_dist.parallelize import parallelize
+    from flamingo_dist.distributed.groups import MegatronMPU, init_distributed, tp_group
+    from flamingo_dist.training.build import build_model, resolve_model_config
+    from flamingo_dist.training.engine import parallelize
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("BENCH_PORT", "29741"))
@@ -251,6 +249,9 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
+    from flamingo_dist import setup_logging
+
+    setup_logging()  # the package's messages (progress, resume, backbones) on rank 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--openflamingo", default=os.path.join(REPO, ".bench", "openflamingo"),
                    help="folder holding the open_flamingo package")

@@ -1,5 +1,5 @@
 """Time training steps of a config after warm-up: tokens/s, images/s, peak memory per rank and
-frozen-aware model FLOP utilisation (formula in flamingo_dist/flops.py).
+frozen-aware model FLOP utilisation (formula in flamingo_dist/models/flops.py).
 
     python tools/benchmark.py --deepspeed ds_configs/zero2.json [--config x.yaml] [--set k=v ...]
     deepspeed --num_gpus 8 tools/benchmark.py --deepspeed ds_configs/zero2.json --config 9b.yaml
@@ -17,8 +17,6 @@ import platform
 import resource
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Dense peak TFLOP/s per device by name fragment: (bf16, fp32). Datasheet values (SXM parts).
 PEAKS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5)}
@@ -45,6 +43,9 @@ def peak_memory_gib(device) -> float:
 
 
 def main(argv=None) -> int:
+    from flamingo_dist import setup_logging
+
+    setup_logging()  # the package's messages (progress, resume, backbones) on rank 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed", required=True)
     p.add_argument("--config")
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    from flamingo_dist.config_load import load_config, validate
+    from flamingo_dist.config.load import load_config, validate
 
     cfg = load_config(args.config, [*args.set, f"train.steps={args.warmup + args.steps}", "tracking.mlflow=false"])
     validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -65,9 +66,9 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from flamingo_dist.flops import train_flops
-    from flamingo_dist.parallel import destroy_distributed, init_distributed
-    from flamingo_dist.trainer import Trainer
+    from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
+    from flamingo_dist.models.flops import train_flops
+    from flamingo_dist.training.trainer import Trainer
 
     layout = init_distributed(cfg.parallel.tensor_parallel_size)
     trainer = Trainer(cfg, args.deepspeed, layout).build(track=False)

@@ -13,21 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:
+    from flamingo_dist import setup_logging
+
+    setup_logging()  # the package's messages (progress, resume, backbones) on rank 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", help="directory (default: the config's model.synthetic_backbones)")
     p.add_argument("--config", help="YAML config whose LM shape and vision tower to build for")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
 
-    from flamingo_dist.config import ConfigError
-    from flamingo_dist.config_load import load_config
+    from flamingo_dist.config.load import load_config
+    from flamingo_dist.config.schema import ConfigError
     from flamingo_dist.demo.backbones import PretrainingFellShort, ensure_backbones, use_backbones
 
     try:

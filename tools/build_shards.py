@@ -12,10 +12,7 @@ shards: shards/cc}]'`, and check a set with tools/check_shards.py.
 """
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:

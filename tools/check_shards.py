@@ -9,10 +9,7 @@ some images were left out of usable documents, 2 on a missing shard set.
 
 import argparse
 import json
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:
@@ -25,7 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the full report (per shard) here")
     args = p.parse_args(argv)
 
-    from flamingo_dist.data.pipeline import list_shards
+    from flamingo_dist.data.formats import list_shards
     from flamingo_dist.data.shards import check_shards
 
     try:

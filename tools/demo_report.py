@@ -11,9 +11,7 @@ import os
 import sys
 
 if __package__ in (None, ""):  # run as a script from a checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flamingo_dist.demo.report import table, write_report  # noqa: E402
+    from flamingo_dist.demo.report import table, write_report  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -16,10 +16,11 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def main(argv=None) -> int:
+    from flamingo_dist import setup_logging
+
+    setup_logging()  # the package's messages (progress, resume, backbones) on rank 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a committed checkpoint directory (step_N)")
@@ -71,9 +72,9 @@ def main(argv=None) -> int:
                               out_json=args.out, feature_cache=cache, max_new_tokens=args.max_new_tokens,
                               num_beams=args.num_beams)
     else:
-        from flamingo_dist.checkpoint import CheckpointError, model_from_checkpoint, tokenizer_dir
-        from flamingo_dist.hf_llama import load_tokenizer
-        from flamingo_dist.parallel import destroy_distributed, init_distributed
+        from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
+        from flamingo_dist.hf.llama import load_tokenizer
+        from flamingo_dist.training.checkpoint import CheckpointError, model_from_checkpoint, tokenizer_dir
 
         init_distributed(1)
         try:

@@ -12,10 +12,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def main(argv=None) -> int:
+    from flamingo_dist import setup_logging
+
+    setup_logging()  # the package's messages (progress, resume, backbones) on rank 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a committed checkpoint directory (step_N)")
     p.add_argument("--out", required=True)
@@ -25,9 +26,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from flamingo_dist.checkpoint import CheckpointError, model_from_checkpoint
-    from flamingo_dist.export_idefics import ExportError, export_idefics
-    from flamingo_dist.parallel import destroy_distributed, init_distributed
+    from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
+    from flamingo_dist.hf.export_idefics import ExportError, export_idefics
+    from flamingo_dist.training.checkpoint import CheckpointError, model_from_checkpoint
 
     init_distributed(1)
     try:
@@ -39,8 +40,8 @@ def main(argv=None) -> int:
                      if isinstance(v, torch.Tensor)}
             save_file(state, args.out)
         else:
-            from flamingo_dist.checkpoint import tokenizer_dir
-            from flamingo_dist.hf_llama import load_tokenizer
+            from flamingo_dist.hf.llama import load_tokenizer
+            from flamingo_dist.training.checkpoint import tokenizer_dir
 
             tok_dir = tokenizer_dir(cfg)
             tokenizer = load_tokenizer(tok_dir, cfg.model.lm.vocab_size) if os.path.isdir(tok_dir) else None

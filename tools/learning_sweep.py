@@ -21,7 +21,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 BACKBONES = "data/backbones"
 CORPUS = "data/synthetic-demo"
@@ -65,7 +64,7 @@ VARIANTS: dict[str, list[str]] = {  # each changes one thing of configs/demo.yam
 
 def build_lm_without_descriptions(out: str) -> str:
     """The backbones' LM recipe, but pretrained on the corpus text with the images left out."""
-    from flamingo_dist.config_load import load_config
+    from flamingo_dist.config.load import load_config
     from flamingo_dist.demo.backbones import pretrain_lm
 
     path = os.path.join(out, "backbones-no-descriptions", "lm")
@@ -190,6 +189,9 @@ def plot(out: str, summary: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from flamingo_dist import setup_logging
+
+    setup_logging()  # the package's messages (progress, resume, backbones) on rank 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--steps", type=int, default=600)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from flamingo_dist.config import ConfigError, JobConfig
+from flamingo_dist.config.schema import ConfigError, JobConfig
 from flamingo_dist.data.pipeline import (COUNTERS, Source, SourceDataset, Stream, build_loader, initial_state,
                                          shard_set_digest)
 from flamingo_dist.data.processing import Limits, Processor
@@ -56,7 +56,7 @@ def resolve_streams(cfg: JobConfig, dp_size: int, saved: Optional[dict]) -> int:
 
 class DataFeed:
     def __init__(self, cfg: JobConfig, sources: list[Source], tokenizer, dp_rank: int, dp_size: int,
-                 dp_group, device, saved: Optional[dict] = None):
+                 dp_group, device, saved: Optional[dict] = None, worker_init_fn=None):
         self.cfg, self.sources, self.tok = cfg, sources, tokenizer
         self.dp_rank, self.dp_size, self.dp_group, self.device = dp_rank, dp_size, dp_group, device
         self.num_streams = resolve_streams(cfg, dp_size, saved)
@@ -84,7 +84,7 @@ class DataFeed:
             ds = SourceDataset(s, processor_for(cfg, tokenizer, s), self.num_streams, dp_rank, dp_size,
                                cfg.train.seed, self.start, self.states[s.name], d.pack, d.max_skip_rate,
                                d.skip_rate_min_samples)
-            self.loaders[s.name] = iter(build_loader(ds, d.num_workers))
+            self.loaders[s.name] = iter(build_loader(ds, d.num_workers, worker_init_fn))
         self.drawn = 0  # micro-batches drawn per source by this process
         self.error: Optional[str] = None
 
@@ -164,8 +164,8 @@ def resolve_sources(cfg: JobConfig, synthetic_dir: Optional[str] = None,
                     synthetic_val_dir: Optional[str] = None) -> tuple[list[Source], dict[str, list[str]]]:
     """(training sources, {source name: validation shard paths}); shard patterns are listed now, so
     a missing shard or an empty list fails at start-up with the source named."""
-    from flamingo_dist.config_load import source_configs
-    from flamingo_dist.data.pipeline import list_shards
+    from flamingo_dist.config.load import source_configs
+    from flamingo_dist.data.formats import list_shards
 
     sources, val = [], {}
     for sc in source_configs(cfg):

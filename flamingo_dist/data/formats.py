@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import glob
 import json
 import math
 import os
@@ -42,7 +43,9 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
-FORMATS = ("obelics", "mmc4", "pairs", "video")
+from flamingo_dist.config.schema import DATA_FORMATS
+
+FORMATS = DATA_FORMATS
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REASONS = ("truncated_tar", "malformed_json", "missing_key", "bad_field", "undecodable_image", "image_too_large",
            "no_image", "no_text")
@@ -165,6 +168,25 @@ def read_shard(path: str, skip: int = 0) -> Iterator[tuple[int, Union[dict, BadS
         return
     if key is not None and index >= skip:
         yield index, current
+
+
+def list_shards(spec: str, what: str = "data.shards") -> list[str]:
+    """A directory of .tar files, a glob, or webdataset brace notation -> sorted shard paths.
+    An explicitly named shard that does not exist, or a pattern matching none, is an error."""
+    import braceexpand
+
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+    else:
+        paths = []
+        for pat in braceexpand.braceexpand(spec):
+            found = sorted(glob.glob(pat))
+            if not found and not glob.has_magic(pat):
+                raise FileNotFoundError(f"{what}: shard {pat} does not exist (from {spec!r})")
+            paths.extend(found)
+    if not paths:
+        raise FileNotFoundError(f"{what}: no .tar shards match {spec!r}")
+    return paths
 
 
 # --------------------------------------------------------------------------- parsing

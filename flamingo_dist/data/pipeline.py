@@ -30,7 +30,6 @@ the trainer stops the run with it.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import random
@@ -44,25 +43,6 @@ from flamingo_dist.data.processing import Encoded, Processor
 
 COUNTERS = (("samples", "documents", "images_dropped") + tuple(f"skipped/{r}" for r in REASONS)
             + tuple(f"images_dropped/{r}" for r in REASONS))
-
-
-def list_shards(spec: str, what: str = "data.shards") -> list[str]:
-    """A directory of .tar files, a glob, or webdataset brace notation -> sorted shard paths.
-    An explicitly named shard that does not exist, or a pattern matching none, is an error."""
-    import braceexpand
-
-    if os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
-    else:
-        paths = []
-        for pat in braceexpand.braceexpand(spec):
-            found = sorted(glob.glob(pat))
-            if not found and not glob.has_magic(pat):
-                raise FileNotFoundError(f"{what}: shard {pat} does not exist (from {spec!r})")
-            paths.extend(found)
-    if not paths:
-        raise FileNotFoundError(f"{what}: no .tar shards match {spec!r}")
-    return paths
 
 
 def shard_set_digest(shards: list[str]) -> str:
@@ -225,9 +205,9 @@ class SourceDataset(torch.utils.data.IterableDataset):
             j += nworkers
 
 
-def build_loader(dataset: SourceDataset, num_workers: int):
-    from flamingo_dist.slurm import ignore_stop_signals
-
+def build_loader(dataset: SourceDataset, num_workers: int, worker_init_fn=None):
+    """`worker_init_fn` runs first in each loader worker (the trainer's makes them ignore SLURM's
+    stop signal, which only the main process handles)."""
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
+                                       persistent_workers=num_workers > 0, worker_init_fn=worker_init_fn,
                                        prefetch_factor=2 if num_workers > 0 else None)

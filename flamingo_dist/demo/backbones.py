@@ -24,6 +24,7 @@ for another LM shape or vision tower is refused, not reused) and what the pretra
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -31,8 +32,10 @@ import time
 
 import torch
 
-from flamingo_dist.config import ConfigError, LMConfig
+from flamingo_dist.config.schema import ConfigError, LMConfig
 from flamingo_dist.data import synthetic
+
+log = logging.getLogger(__name__)
 
 VERSION = 1
 LM_STEPS = 800
@@ -78,8 +81,7 @@ def read_done(root: str) -> dict | None:
         return json.load(f)
 
 
-def ensure_backbones(root: str, lm: LMConfig, vision_model: str, image_size: int, seed: int = 0,
-                     log=print) -> dict:
+def ensure_backbones(root: str, lm: LMConfig, vision_model: str, image_size: int, seed: int = 0) -> dict:
     """Build the backbones into `root` unless a complete build is there (whether it fits the
     config is checked by use_backbones); returns the DONE record."""
     have = read_done(root)
@@ -88,7 +90,7 @@ def ensure_backbones(root: str, lm: LMConfig, vision_model: str, image_size: int
     if os.path.exists(root):
         raise BackboneError(f"model.synthetic_backbones: {root} exists but holds no complete build (no DONE file); "
                             "delete it to rebuild")
-    return build_backbones(root, lm, vision_model, image_size, seed, log)
+    return build_backbones(root, lm, vision_model, image_size, seed)
 
 
 def use_backbones(model) -> list[str]:
@@ -111,15 +113,14 @@ def use_backbones(model) -> list[str]:
     return [f"model: the synthetic backbones in {root} (LM {model.lm.path}, ViT {model.vision.pretrained})"]
 
 
-def build_backbones(root: str, lm: LMConfig, vision_model: str, image_size: int, seed: int = 0,
-                    log=print) -> dict:
+def build_backbones(root: str, lm: LMConfig, vision_model: str, image_size: int, seed: int = 0) -> dict:
     tmp = f"{root.rstrip(os.sep)}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     t0 = time.time()
-    log(f"building the synthetic backbones in {root} (LM {LM_STEPS} steps, ViT {VIT_STEPS} steps; once)")
-    lm_stats = pretrain_lm(lm_path(tmp), lm, seed, log)
-    vit_stats = pretrain_vit(vit_path(tmp), vision_model, image_size, seed, log)
+    log.info(f"building the synthetic backbones in {root} (LM {LM_STEPS} steps, ViT {VIT_STEPS} steps; once)")
+    lm_stats = pretrain_lm(lm_path(tmp), lm, seed)
+    vit_stats = pretrain_vit(vit_path(tmp), vision_model, image_size, seed)
     weak = {f"LM reading {k} from context": v for k, v in lm_stats["copy_accuracy"].items() if v < MIN_ACCURACY}
     weak.update({f"ViT zero-shot {k}": v for k, v in vit_stats["zero_shot_accuracy"].items() if v < MIN_ACCURACY})
     if weak:  # a Flamingo on such backbones cannot learn what the demo shows
@@ -138,7 +139,7 @@ def build_backbones(root: str, lm: LMConfig, vision_model: str, image_size: int,
         if other is None or other["recipe"] != done["recipe"]:
             raise
         return other
-    log(f"backbones ready in {done['seconds']:.0f}s: the LM reads attributes from context "
+    log.info(f"backbones ready in {done['seconds']:.0f}s: the LM reads attributes from context "
         f"{lm_stats['copy_accuracy']}, the ViT's zero-shot attribute accuracy {vit_stats['zero_shot_accuracy']}")
     return done
 
@@ -174,7 +175,7 @@ def _lm_batch(tok, rng: random.Random, n: int, max_images: int, describe: bool =
     return ids, mask, ids.masked_fill(mask == 0, -100), groups
 
 
-def pretrain_lm(out_dir: str, lm: LMConfig, seed: int, log=print, describe: bool = True) -> dict:
+def pretrain_lm(out_dir: str, lm: LMConfig, seed: int, describe: bool = True) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = synthetic.build_tokenizer(out_dir, lm.vocab_size)
@@ -203,7 +204,7 @@ def pretrain_lm(out_dir: str, lm: LMConfig, seed: int, log=print, describe: bool
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 200 == 0:
             copy = lm_copy_accuracy(model, tok, random.Random(seed + 1))
-            log(f"  LM step {step + 1}/{LM_STEPS} loss {loss.item():.3f}, reads from context {copy} "
+            log.info(f"  LM step {step + 1}/{LM_STEPS} loss {loss.item():.3f}, reads from context {copy} "
                 f"({time.time() - t0:.0f}s)")
     copy = lm_copy_accuracy(model, tok, random.Random(seed + 1))
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -248,7 +249,7 @@ def _image_pool(n: int, side: int, rng: random.Random):
     return attrs, normalize_pixels(torch.stack(images).permute(0, 3, 1, 2).contiguous())
 
 
-def pretrain_vit(out_path: str, vision_model: str, image_size: int, seed: int, log=print) -> dict:
+def pretrain_vit(out_path: str, vision_model: str, image_size: int, seed: int) -> dict:
     import open_clip
     from open_clip.loss import ClipLoss
 
@@ -280,7 +281,7 @@ def pretrain_vit(out_path: str, vision_model: str, image_size: int, seed: int, l
         sched.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 250 == 0:
-            log(f"  ViT step {step + 1}/{VIT_STEPS} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+            log.info(f"  ViT step {step + 1}/{VIT_STEPS} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     model.eval()
     torch.save(model.state_dict(), out_path)
     split = VIT_POOL - held_out
@@ -297,7 +298,7 @@ def vit_zero_shot_accuracy(model, pixels: torch.Tensor, attrs: list[dict], texts
     image_f = model.encode_image(pixels, normalize=True)
     best = [captions[i] for i in (image_f @ text_f.T).argmax(-1).tolist()]
     out = {}
-    for group, words in synthetic.ATTRIBUTES.items():
+    for group in synthetic.ATTRIBUTES:
         hits = [_CLIP_WORDS[c[1:4][("size", "color", "shape").index(group)]] == a[group] for c, a in zip(best, attrs)]
         out[group] = round(sum(hits) / len(hits), 4)
     return out

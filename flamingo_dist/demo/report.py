@@ -4,7 +4,7 @@ validation loss and held-out attribute accuracy with true, shuffled and no image
 checks they pass or fail, and the backbones they were trained on) and `report.png` (the curves),
 and renders a short table.
 
-The checks are the demo's claims (issue 11): each attribute read from the true images at >= 0.95
+The checks are the demo's claims: each attribute read from the true images at >= 0.95
 on held-out documents and at most 0.10 above chance with shuffled images; synthetic shapes
 classification and colour VQA >= 90 at 4 shots.
 """

@@ -1,1 +1,2 @@
-"""Few-shot evaluation (issue 6): scorers so far; tasks, protocol and generation loops to come."""
+"""Evaluation: few-shot tasks and protocol (tasks.py, fewshot.py), scorers (metrics.py),
+generation with a cache (generate.py), held-out attribute accuracy (attributes.py)."""

@@ -138,7 +138,7 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
              max_new_tokens: int = 20, feature_cache: str | None = None, num_beams: int = 3) -> tuple[float, dict]:
     """One trial: (the score over the whole query set, the gathered predictions by query id:
     generated text, or P(yes) for HatefulMemes). Collective over the data-parallel group."""
-    from flamingo_dist.generate import beam_search, continuation_logprobs
+    from flamingo_dist.eval.generate import beam_search, continuation_logprobs
 
     prompter = Prompter(tokenizer, image_size)
     use_cache = getattr(model, "supports_cache", True)  # an exported HF model runs uncached

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
 import os
@@ -134,7 +135,9 @@ def _ptb_tokenizer_class():
     import pycocoevalcap.tokenizer.ptbtokenizer as original
 
     src = os.path.dirname(os.path.abspath(original.__file__))
-    dst = os.path.join(tempfile.mkdtemp(prefix="flamingo-ptb-"), "tokenizer")
+    tmp = tempfile.mkdtemp(prefix="flamingo-ptb-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the process keeps using it until then
+    dst = os.path.join(tmp, "tokenizer")
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
     spec = importlib.util.spec_from_file_location("_flamingo_ptbtokenizer", os.path.join(dst, "ptbtokenizer.py"))
     module = importlib.util.module_from_spec(spec)

@@ -24,6 +24,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from flamingo_dist.config.schema import SYNTHETIC_TASKS
+
 
 @dataclass
 class Example:
@@ -220,8 +222,6 @@ def load_task(spec: dict, base_dir: str = ".") -> tuple[str, str, list[Example],
                      f"got {kind!r}")
 
 
-SYNTHETIC_TASKS = ("synthetic_captions", "synthetic_vqa_color", "synthetic_vqa_shape", "synthetic_memes",
-                   "synthetic_shapes")
 _SUITE_VERSION = "2"  # 2: 96 images, VQA split by question (colour, shape)
 
 
@@ -245,9 +245,12 @@ def synthetic_suite(out_dir: str) -> dict[str, tuple[str, list[Example], list[Ex
     half = len(memes) // 2  # one meme, one shape and two questions per image
     color_q = [q for q in vqa if q.question.startswith("what color")]
     shape_q = [q for q in vqa if q.question.startswith("what shape")]
-    return {"synthetic_captions": ("captioning", load_karpathy(karpathy, out_dir, "test"),
-                                   load_karpathy(karpathy, out_dir, "train")),
-            "synthetic_vqa_color": ("vqa", color_q[:half], color_q[half:]),
-            "synthetic_vqa_shape": ("vqa", shape_q[:half], shape_q[half:]),
-            "synthetic_memes": ("hateful_memes", memes[:half], memes[half:]),
-            "synthetic_shapes": ("classification", shapes[:half], shapes[half:])}
+    suite = {"synthetic_captions": ("captioning", load_karpathy(karpathy, out_dir, "test"),
+                                    load_karpathy(karpathy, out_dir, "train")),
+             "synthetic_vqa_color": ("vqa", color_q[:half], color_q[half:]),
+             "synthetic_vqa_shape": ("vqa", shape_q[:half], shape_q[half:]),
+             "synthetic_memes": ("hateful_memes", memes[:half], memes[half:]),
+             "synthetic_shapes": ("classification", shapes[:half], shapes[half:])}
+    if tuple(suite) != SYNTHETIC_TASKS:  # the names eval.synthetic_tasks is validated against
+        raise RuntimeError(f"internal: synthetic suite {tuple(suite)} != config's SYNTHETIC_TASKS {SYNTHETIC_TASKS}")
+    return suite

@@ -13,7 +13,7 @@ multiple of TP; the rows for the two new tokens (ids V, V+1) come from small tra
 so they never enter the loss.
 
 Weights are never initialised here (`perform_initialization=False`): both real checkpoints and
-random test models go through `flamingo_dist.hf_llama`, which slices full tensors per rank, so a
+random test models go through `flamingo_dist.hf.llama`, which slices full tensors per rank, so a
 model is the same function at every TP size.
 """
 
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flamingo_dist.config import LMConfig
+from flamingo_dist.config.schema import LMConfig
 from flamingo_dist.models.common import RMSNorm, apply_rope, rope_cos_sin
 
 NUM_NEW_TOKENS = 2  # <fake_token_around_image> = V, <image> = V + 1

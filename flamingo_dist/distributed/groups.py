@@ -7,13 +7,17 @@ Works unchanged under `deepspeed`, `torchrun`, SLURM (env vars set by the launch
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+_STORE_DIR: str | None = None  # the file store of a world of one (removed by destroy_distributed or at exit)
 
 
 @dataclass
@@ -48,7 +52,10 @@ def init_distributed(tp_size: int, timeout_minutes: int = 30) -> Layout:
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if single:
             # A private file store, not a TCP port: an inherited or reused MASTER_PORT cannot collide.
-            store = os.path.join(tempfile.mkdtemp(prefix="flamingo_dist_pg_"), "store")
+            global _STORE_DIR
+            _STORE_DIR = tempfile.mkdtemp(prefix="flamingo_dist_pg_")
+            atexit.register(shutil.rmtree, _STORE_DIR, ignore_errors=True)  # also when destroy is never called
+            store = os.path.join(_STORE_DIR, "store")
             dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout)
         else:
             dist.init_process_group(backend, timeout=timeout)  # env:// from the launcher
@@ -70,6 +77,10 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    global _STORE_DIR
+    if _STORE_DIR is not None:  # the world-of-one file store
+        shutil.rmtree(_STORE_DIR, ignore_errors=True)
+        _STORE_DIR = None
 
 
 def tp_group() -> dist.ProcessGroup:

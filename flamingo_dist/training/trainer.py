@@ -10,7 +10,9 @@ stop the run with a message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -18,14 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from flamingo_dist.config import JobConfig
+from flamingo_dist.config.schema import JobConfig
 from flamingo_dist.data.layout import labelled_tokens
 from flamingo_dist.data.processing import normalize_pixels
 
-# Fault injection for tests: "STEP:RANK" or "FIRST-LAST:RANK" makes RANK's loss NaN at those
-# optimizer steps (1-based).
-FAULT_NAN_ENV = "FLAMINGO_FAULT_NAN_LOSS"
-
+log = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many non-finite steps, say); the message says why."""
@@ -53,28 +52,19 @@ class Trainer:
         self.saved_data: dict | None = None  # the data position of the checkpoint resumed from
         self.feed = None  # flamingo_dist.data.feed.DataFeed: batches of every source
         self._val_batches: dict | None = None  # validation micro-batches per source, drawn once
-        self._fault = self._parse_fault(os.environ.get(FAULT_NAN_ENV))
-        self.stop_flag = None  # a flamingo_dist.slurm.StopFlag: stop (saving) at the next step boundary
+        self.stop_flag = None  # a flamingo_dist.distributed.slurm.StopFlag: stop (saving) at the next step boundary
         self.stopped = False  # training ended early on a stop signal, after a committed checkpoint
         self._eval_tasks: dict | None = None  # the evaluation sets, read at the first evaluation
 
-    @staticmethod
-    def _parse_fault(spec: str | None) -> tuple[range, int] | None:
-        if not spec:
-            return None
-        steps, rank = spec.split(":")
-        first, _, last = steps.partition("-")
-        return range(int(first), int(last or first) + 1), int(rank)
-
     # ---------------------------------------------------------------- build
     def build(self, track: bool = True) -> "Trainer":
-        from flamingo_dist.build import build_model, resolve_model_config
+        from flamingo_dist.config.deepspeed import resolve_ds_config
         from flamingo_dist.data.feed import DataFeed
-        from flamingo_dist.ds_config import resolve_ds_config
+        from flamingo_dist.distributed.groups import MegatronMPU, dp_group, tp_group
         from flamingo_dist.eval.attributes import attribute_ids
-        from flamingo_dist.hf_llama import load_tokenizer
-        from flamingo_dist.parallel import MegatronMPU, dp_group, tp_group
-        from flamingo_dist.parallelize import parallelize
+        from flamingo_dist.hf.llama import load_tokenizer
+        from flamingo_dist.training.build import build_model, resolve_model_config
+        from flamingo_dist.training.engine import parallelize
 
         cfg, lay = self.cfg, self.layout
         self.synthetic_backbones = cfg.model.synthetic_backbones  # resolving points the LM and ViT into it
@@ -92,7 +82,7 @@ class Trainer:
         self.engine = parallelize(self.model, cfg, ds_config, MegatronMPU())
         self.device = self.engine.device
         if cfg.eval.every_steps and self.engine.zero_optimization_partition_weights() and lay.dp_size > 1:
-            from flamingo_dist.config import ConfigError
+            from flamingo_dist.config.schema import ConfigError
 
             raise ConfigError("eval.every_steps: evaluation during training does not run under ZeRO-3 with data "
                               "parallelism (ranks evaluate different queries, so their forward passes over the "
@@ -102,8 +92,8 @@ class Trainer:
         if cfg.checkpoint.resume:
             self._resume(cfg.checkpoint.resume)
         else:
-            from flamingo_dist import checkpoint
-            from flamingo_dist.config import checkpoint_dir
+            from flamingo_dist.config.schema import checkpoint_dir
+            from flamingo_dist.training import checkpoint
 
             root = checkpoint_dir(cfg)
             if checkpoint.committed(root):  # a fresh run never overwrites an earlier run's checkpoints
@@ -113,34 +103,50 @@ class Trainer:
                 dist.barrier()
                 self.log(f"warning: {root} held committed checkpoints but this run starts fresh (pass --resume auto "
                          f"to continue from them); moved them to {aside}")
-        # the loaders start at the data position the resume restored
+        # the loaders start at the data position the resume restored; their workers leave SLURM's
+        # stop signal to this process (it saves a checkpoint, then the workers are shut down)
+        from flamingo_dist.distributed.slurm import ignore_stop_signals
+
         self.feed = DataFeed(cfg, self.sources, self.tokenizer, lay.dp_rank, lay.dp_size, self.dp_group, self.device,
-                             self.saved_data)
+                             self.saved_data, worker_init_fn=ignore_stop_signals)
         described = [f"{s.name} ({s.format}, {len(s.shards)} shards, weight {s.weight:g}, micro-batch "
                      f"{s.micro_batch_size})" for s in self.sources]
         self.log(f"data: {', '.join(described)}; {self.feed.num_streams} streams per source, "
                  f"from slot {self.feed.start}")
         if track:
-            from flamingo_dist.tracking import Tracker
+            from flamingo_dist.training.tracking import Tracker
 
             self.tracker = Tracker(cfg.tracking, cfg, lay, run_name=cfg.flavor, run_id=self.run_id)
             self.run_id = self.tracker.run_id
         return self
 
     def _resume(self, spec: str) -> None:
-        from flamingo_dist import checkpoint
-        from flamingo_dist.config import checkpoint_dir
+        from flamingo_dist.config.schema import checkpoint_dir
+        from flamingo_dist.training import checkpoint
 
-        path = checkpoint.resolve_resume(spec, checkpoint_dir(self.cfg), self.log)
+        path = checkpoint.resolve_resume(spec, checkpoint_dir(self.cfg))
         if path is None:
             self.log(f"resume auto: no committed checkpoint in {checkpoint_dir(self.cfg)}; starting fresh")
             return
         checkpoint.load(self, path)
         self.log(f"resumed from {path} at step {self.state.step}")
 
+    # ---------------------------------------------------------------- checkpoint contract
+    def state_dict(self) -> dict:
+        """Collective: what a checkpoint keeps of the trainer besides the engine and the RNG (JSON):
+        the counters, the MLflow run, every stream's data position."""
+        return {**dataclasses.asdict(self.state), "run_id": self.run_id, "data": self.feed.state_dict()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        """The inverse of `state_dict` (before the data feed is built: it starts from `saved_data`)."""
+        fields = {f.name for f in dataclasses.fields(self.state)}
+        self.state = TrainState(**{k: v for k, v in saved.items() if k in fields})
+        self.run_id = saved.get("run_id")
+        self.saved_data = saved["data"]
+
     def save_checkpoint(self) -> str:
-        from flamingo_dist import checkpoint
-        from flamingo_dist.config import checkpoint_dir
+        from flamingo_dist.config.schema import checkpoint_dir
+        from flamingo_dist.training import checkpoint
 
         root = checkpoint_dir(self.cfg)
         path = checkpoint.save(self, root)
@@ -272,8 +278,7 @@ class Trainer:
 
         if self.synthetic_backbones:
             m = self.cfg.model
-            ensure_backbones(self.synthetic_backbones, m.lm, m.vision.model_name, self.cfg.data.image_size,
-                             log=self.log)
+            ensure_backbones(self.synthetic_backbones, m.lm, m.vision.model_name, self.cfg.data.image_size)
 
     def _data_sources(self):
         """(training sources, validation shards per source, tokenizer directory); the synthetic
@@ -306,12 +311,12 @@ class Trainer:
         return (*resolve_sources(self.cfg, d.synthetic_dir, val_dir), tok_dir)
 
     def log(self, msg: str) -> None:
-        if self.layout.rank == 0:
-            print(f"[flamingo_dist] {msg}", flush=True)
+        """The trainer's messages (the module logger; printed on rank 0 by flamingo_dist.setup_logging)."""
+        log.info(msg)
 
     # ---------------------------------------------------------------- train
     def train(self) -> TrainState:
-        from flamingo_dist.tracking import Progress
+        from flamingo_dist.training.tracking import Progress
 
         t = self.cfg.train
         progress = Progress(t.steps, self.layout.rank, t.log_every)
@@ -416,8 +421,6 @@ class Trainer:
         for (src, batch), tokens in zip(batches, counts):
             i = index[src.name]
             loss, stats = self._forward(batch)
-            if self._fault is not None and step in self._fault[0] and lay.rank == self._fault[1]:
-                loss = loss * float("nan")
             # One collective per micro-batch: is the loss finite on every rank?
             bad_flag = (~torch.isfinite(loss.detach())).float().reshape(1)
             dist.all_reduce(bad_flag)

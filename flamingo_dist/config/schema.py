@@ -14,8 +14,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-
-LR_GROUPS = ("gates", "resampler", "xattn", "embeddings")  # the kinds of train.lr_scales (flamingo_dist/optim.py)
+LR_GROUPS = ("gates", "resampler", "xattn", "embeddings")  # the kinds of train.lr_scales (flamingo_dist/training/optim.py)
+DATA_FORMATS = ("obelics", "mmc4", "pairs", "video")  # what data.sources[].format names (flamingo_dist/data/formats.py)
+SYNTHETIC_TASKS = ("synthetic_captions", "synthetic_vqa_color", "synthetic_vqa_shape", "synthetic_memes",
+                   "synthetic_shapes")  # eval.synthetic_tasks: the synthetic suite (flamingo_dist/eval/tasks.py)
 
 
 class ConfigError(ValueError):
@@ -297,7 +299,7 @@ class TrackingConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Committed checkpoints and resume (see flamingo_dist/checkpoint.py)."""
+    """Committed checkpoints and resume (see flamingo_dist/training/checkpoint.py)."""
 
     dir: Optional[str] = None
     """Where checkpoints go; unset means <tracking.run_dir>/checkpoints."""
@@ -357,7 +359,7 @@ class EvalConfig:
 
 @dataclass
 class SlurmConfig:
-    """Stop and requeue under SLURM (see flamingo_dist/slurm.py and launchers/)."""
+    """Stop and requeue under SLURM (see flamingo_dist/distributed/slurm.py and launchers/)."""
 
     signal_lead_s: int = 120
     """Seconds before the time limit that SLURM sends the stop signal (the launchers set it); a
@@ -371,7 +373,7 @@ class JobConfig:
     """Everything one training run needs."""
 
     flavor: str = "debug"
-    """Named model shape this config started from (see flamingo_dist/flavors.py)."""
+    """Named model shape this config started from (see flamingo_dist/config/flavors.py)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model architecture."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -388,6 +390,9 @@ class JobConfig:
     """Preemption-safe stop and requeue under SLURM."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Few-shot evaluation during training."""
+
+
+CHECKPOINT_COMMIT = "COMMITTED.json"  # the marker file of a committed checkpoint (training/checkpoint.py)
 
 
 def checkpoint_dir(cfg: JobConfig) -> str:

@@ -7,8 +7,8 @@ import ast
 import dataclasses
 import inspect
 
-from flamingo_dist import config as config_module
-from flamingo_dist.flavors import FLAVORS
+from flamingo_dist.config import schema as config_module
+from flamingo_dist.config.flavors import FLAVORS
 
 
 def field_docs() -> dict[str, dict[str, str]]:
@@ -34,10 +34,10 @@ def field_docs() -> dict[str, dict[str, str]]:
 def render() -> str:
     docs = field_docs()
     lines = ["# Configuration reference", "",
-             "Generated from the docstrings in `flamingo_dist/config.py` by `python tools/gen_config_docs.py`;",
+             "Generated from the docstrings in `flamingo_dist/config/schema.py` by `python tools/gen_config_docs.py`;",
              "a test fails when this file is out of date. A YAML file selects values (`flavor:` first, then",
              "any field below, nested); `--set dotted.key=value` overrides one field on the command line.",
-             f"Flavors: {', '.join(f'`{n}`' for n in FLAVORS)} (see `flamingo_dist/flavors.py`). Defaults below",
+             f"Flavors: {', '.join(f'`{n}`' for n in FLAVORS)} (see `flamingo_dist/config/flavors.py`). Defaults below",
              "are the dataclass defaults; a flavor changes some of them.", ""]
 
     def section(cls, prefix: str, title: str, doc: str) -> None:

@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -46,7 +47,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-COMMIT = "COMMITTED.json"
+from flamingo_dist.config.schema import CHECKPOINT_COMMIT
+
+COMMIT = CHECKPOINT_COMMIT
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -182,12 +186,11 @@ def save(trainer, root: str) -> str:
     dist.barrier()
     trainer.engine.save_checkpoint(path, tag="ds", save_latest=False, exclude_frozen_parameters=True)
     torch.save({"rng": rng_state()}, os.path.join(path, f"rank{lay.rank}.pt"))
-    data_state = trainer.feed.state_dict()  # collective: every stream's position, from its owner
+    own = trainer.state_dict()  # collective: every stream's data position, from its owner
     if lay.rank == 0:
         with open(os.path.join(path, "trainer.json"), "w") as f:
-            json.dump({**dataclasses.asdict(trainer.state), "run_id": trainer.run_id,
-                       "data": data_state,
-                       "tp_size": lay.tp_size, "dp_size": lay.dp_size, "world_size": lay.world_size}, f, indent=1)
+            json.dump({**own, "tp_size": lay.tp_size, "dp_size": lay.dp_size, "world_size": lay.world_size}, f,
+                      indent=1)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"job": dataclasses.asdict(trainer.cfg), "deepspeed": trainer.ds_config}, f, indent=1)
         with open(os.path.join(path, "base_model.json"), "w") as f:
@@ -230,7 +233,7 @@ def verify(path: str) -> None:
         raise CheckpointError("; ".join(bad))
 
 
-def resolve_resume(spec: str, root: str, log) -> str | None:
+def resolve_resume(spec: str, root: str) -> str | None:
     """`auto`: the newest committed checkpoint that verifies (falling back, and saying so);
     a path: that checkpoint, verified. Collective. None when auto finds nothing."""
     if spec != "auto":
@@ -242,7 +245,7 @@ def resolve_resume(spec: str, root: str, log) -> str | None:
             verify(path)
             return path
         except CheckpointError as e:
-            log(f"resume: skipping damaged checkpoint ({e}); trying the previous one")
+            log.warning(f"resume: skipping damaged checkpoint ({e}); trying the previous one")
     return None
 
 
@@ -251,8 +254,7 @@ def universal_info(model) -> dict:
     ds_to_universal reads (`model.universal_checkpoint_info`, saved in every checkpoint):
     megatron's row-parallel weights merge along dim 1, column-parallel ones along dim 0 (the
     default), everything else is replicated on every TP rank."""
-    from deepspeed.checkpoint.constants import (PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
-                                                TP_REPLICATED_PARAMETER_PATTERNS)
+    from deepspeed.checkpoint.constants import PARAMETER_WITH_ROW_PARALLELISM_PATTERNS, TP_REPLICATED_PARAMETER_PATTERNS
 
     row, replicated = [], []
     for name, p in model.named_parameters():
@@ -299,7 +301,7 @@ def _to_universal(path: str, rank: int, out: str | None = None) -> str:
     return out
 
 
-def _load_engine(trainer, path: str, meta: dict, log) -> None:
+def _load_engine(trainer, path: str, meta: dict) -> None:
     """The DeepSpeed engine state: directly at the saved layout, through the universal checkpoint
     at another one."""
     lay, engine = trainer.layout, trainer.engine
@@ -308,12 +310,12 @@ def _load_engine(trainer, path: str, meta: dict, log) -> None:
         # Frozen parameters are not in the checkpoint: only they may be missing from the module state.
         engine.load_checkpoint(path, tag="ds", **kw)
         return
-    log(f"resharding {path}: saved at TP {meta['tp_size']} x DP {meta['dp_size']}, "
+    log.info(f"resharding {path}: saved at TP {meta['tp_size']} x DP {meta['dp_size']}, "
         f"this run is TP {lay.tp_size} x DP {lay.dp_size}")
     with open(os.path.join(path, "config.json")) as f:
         saved_batch = json.load(f)["deepspeed"].get("train_batch_size")
     if saved_batch != trainer.ds_config.get("train_batch_size"):
-        log(f"warning: the global batch changes from {saved_batch} to {trainer.ds_config.get('train_batch_size')} "
+        log.warning(f"warning: the global batch changes from {saved_batch} to {trainer.ds_config.get('train_batch_size')} "
             "documents per step (micro-batch x accumulation x data-parallel size); the run continues with it")
     _to_universal(path, lay.rank)
     engine._config.load_universal_checkpoint = True  # DeepSpeed reads this flag at load time only
@@ -345,15 +347,10 @@ def load(trainer, path: str) -> None:
     if box[0]:
         raise CheckpointError(f"{path}: the frozen base model differs from the one this checkpoint was trained on: "
                               + "; ".join(box[0]))
-    _load_engine(trainer, path, meta, trainer.log)
+    _load_engine(trainer, path, meta)
     own = torch.load(os.path.join(path, f"rank{lay.rank if same_layout else 0}.pt"), weights_only=False)
     set_rng_state(own["rng"])
-    trainer.saved_data = meta["data"]
-    fields = {f.name for f in dataclasses.fields(trainer.state)}
-    for k, v in meta.items():
-        if k in fields:
-            setattr(trainer.state, k, v)
-    trainer.run_id = meta.get("run_id")
+    trainer.load_state_dict(meta)
 
 
 def prune(root: str, keep_last: int, keep_every: int, rank: int) -> threading.Thread | None:
@@ -397,9 +394,9 @@ def model_from_checkpoint(path: str, dtype: torch.dtype = torch.float32):
     from deepspeed.checkpoint.constants import PARAM
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from flamingo_dist.build import build_model, resolve_model_config
-    from flamingo_dist.config_load import config_from_dict
-    from flamingo_dist.parallel import tp_group
+    from flamingo_dist.config.load import config_from_dict
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.training.build import build_model, resolve_model_config
 
     verify(path)
     with open(os.path.join(path, "config.json")) as f:

@@ -6,8 +6,9 @@ decoupled rows moved to `additional_embedding` / `additional_fc`, cross-attentio
 layer i -> `gated_cross_attn_layers[i // interval]`, the open_clip ViT renamed to HF CLIP names.
 Models IDEFICS cannot represent are refused with the reason.
 
-This works on an in-memory model at TP=1 (`tensor_parallel_size` > 1 models are merged by the
-checkpoint conversion, issue 4).
+This works on an in-memory model at TP=1; checkpoints trained at `tensor_parallel_size` > 1 are
+merged to TP=1 when loaded for export (`tools/export_idefics.py`, through the universal
+checkpoint in training/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 
 import torch
 
-from flamingo_dist.config import ModelConfig, xattn_layer_indices
+from flamingo_dist.config.schema import ModelConfig, xattn_layer_indices
 
 
 class ExportError(ValueError):

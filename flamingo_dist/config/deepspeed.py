@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from flamingo_dist.config import ConfigError, JobConfig
+from flamingo_dist.config.schema import ConfigError, JobConfig
 
 
 def _get(d: dict, path: str) -> Any:
@@ -45,7 +45,7 @@ def resolve_ds_config(path_or_dict: str | dict, cfg: JobConfig, dp_size: int) ->
         except json.JSONDecodeError as e:
             raise ConfigError(f"--deepspeed {path_or_dict}: not valid JSON ({e})") from e
         where = path_or_dict
-    from flamingo_dist.config_load import source_configs
+    from flamingo_dist.config.load import source_configs
 
     t = cfg.train
     gas = t.grad_accum_steps * len(source_configs(cfg))  # one DeepSpeed micro-step per source micro-batch

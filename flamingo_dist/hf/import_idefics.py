@@ -14,9 +14,9 @@ import os
 
 import torch
 
-from flamingo_dist.config import ModelConfig
-from flamingo_dist.export_idefics import vision_names, xattn_name
-from flamingo_dist.hf_llama import CheckpointError, SafetensorsDir, load_lm_weights
+from flamingo_dist.config.schema import ModelConfig
+from flamingo_dist.hf.export_idefics import vision_names, xattn_name
+from flamingo_dist.hf.llama import CheckpointError, SafetensorsDir, load_lm_weights
 
 _LM_PREFIXES = ("model.embed_tokens.weight", "model.layers.", "model.norm.weight", "lm_head.weight")
 

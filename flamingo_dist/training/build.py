@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flamingo_dist.config import ModelConfig, xattn_layer_indices
-from flamingo_dist.hf_llama import DictTensors, SafetensorsDir, load_lm_weights, random_lm_tensors
-from flamingo_dist.import_idefics import build_idefics_vision, load_idefics_weights
+from flamingo_dist.config.schema import ModelConfig, xattn_layer_indices
+from flamingo_dist.hf.import_idefics import build_idefics_vision, load_idefics_weights
+from flamingo_dist.hf.llama import DictTensors, SafetensorsDir, load_lm_weights, random_lm_tensors
 from flamingo_dist.models.flamingo import Flamingo
 from flamingo_dist.models.lm import TPLinears, TPLlama
 from flamingo_dist.models.resampler import PerceiverResampler
@@ -82,8 +82,8 @@ def resolve_model_config(cfg: ModelConfig) -> list[str]:
     then cleared: a checkpoint's config names the weights it used), and fill shapes from the
     checkpoints the config points at; returns notes on replaced values."""
     from flamingo_dist.demo.backbones import use_backbones
-    from flamingo_dist.hf_llama import resolve_lm_config
-    from flamingo_dist.import_idefics import resolve_idefics_config
+    from flamingo_dist.hf.import_idefics import resolve_idefics_config
+    from flamingo_dist.hf.llama import resolve_lm_config
 
     notes = use_backbones(cfg) if cfg.synthetic_backbones else []
     return notes + (resolve_idefics_config(cfg) if cfg.init_from else resolve_lm_config(cfg.lm))

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import yaml
 
-from flamingo_dist.config import LR_GROUPS, ConfigError, JobConfig, SourceConfig
+from flamingo_dist.config.schema import DATA_FORMATS, LR_GROUPS, SYNTHETIC_TASKS, ConfigError, JobConfig, SourceConfig
 
 
 def _merge(obj: Any, values: dict, prefix: str, errors: list[str]) -> None:
@@ -38,11 +38,21 @@ def _merge(obj: Any, values: dict, prefix: str, errors: list[str]) -> None:
             setattr(obj, key, value)
 
 
+def _yaml_problem(e: "yaml.YAMLError") -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's message spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
 def _parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected dotted.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -54,7 +64,7 @@ def _parse_override(text: str) -> dict:
 
 def config_from_dict(values: dict) -> JobConfig:
     """A JobConfig from a dict of the same shape (a checkpoint's resolved config), validated."""
-    from flamingo_dist.flavors import get_flavor
+    from flamingo_dist.config.flavors import get_flavor
 
     cfg = get_flavor(values.get("flavor", "debug"))
     # A saved config names the weights it used; one from before model.synthetic_backbones existed
@@ -69,14 +79,19 @@ def config_from_dict(values: dict) -> JobConfig:
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> JobConfig:
     """Build a JobConfig: the flavor named in the YAML (or `debug`), then the YAML's values,
     then each `dotted.key=value` override; validated before returning."""
-    from flamingo_dist.flavors import get_flavor
+    from flamingo_dist.config.flavors import get_flavor
 
     values: dict = {}
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"--config {path}: no such file")
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({_yaml_problem(e)})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {path}: cannot be read ({e})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"--config {path}: expected a YAML mapping at the top level")
     parsed = [_parse_override(o) for o in overrides]
@@ -120,8 +135,6 @@ def _check_types(obj: Any, prefix: str, errors: list[str]) -> None:
 def source_configs(cfg: JobConfig, errors: Optional[list[str]] = None) -> list[SourceConfig]:
     """data.sources as SourceConfig objects (defaults filled in); with no sources, the one obelics
     source `main` of data.shards. Problems go to `errors` (or raise ConfigError)."""
-    from flamingo_dist.data.formats import FORMATS
-
     d, own = cfg.data, errors is None
     errors = [] if own else errors
     out: list[SourceConfig] = []
@@ -140,8 +153,8 @@ def source_configs(cfg: JobConfig, errors: Optional[list[str]] = None) -> list[S
             src.micro_batch_size = cfg.train.micro_batch_size
         if not src.name:
             errors.append(f"{where}.name: required")
-        if src.format not in FORMATS:
-            errors.append(f"{where}.format: {src.format!r} is not one of {', '.join(FORMATS)}")
+        if src.format not in DATA_FORMATS:
+            errors.append(f"{where}.format: {src.format!r} is not one of {', '.join(DATA_FORMATS)}")
         if d.sources and not src.shards:
             errors.append(f"{where}.shards: required")
         if not (isinstance(src.weight, (int, float)) and src.weight > 0):
@@ -285,8 +298,6 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
         errors.append(f"eval.tasks_file: {ev.tasks_file} is not a file")
     need(ev.every_steps == 0 or ev.synthetic or ev.tasks_file is not None,
          "eval.every_steps: set eval.synthetic or eval.tasks_file (nothing to evaluate)")
-    from flamingo_dist.eval.tasks import SYNTHETIC_TASKS
-
     unknown = [n for n in ev.synthetic_tasks if n not in SYNTHETIC_TASKS]
     need(not unknown, f"eval.synthetic_tasks: {unknown} not in the synthetic suite ({', '.join(SYNTHETIC_TASKS)})")
     bad_groups = [k for k, v in ev.attribute_words.items()

@@ -20,12 +20,13 @@ the signal (`ignore_stop_signals`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
-import sys
 
+log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # whichever the launcher asked SLURM to send
 EXIT_REQUEUED = 3  # a task's exit status after a stop that requeued the job (the job restarts anyway)
 
@@ -130,7 +131,7 @@ def decide_requeue(run_dir: str, timeout_margin_s: float, max_timeout_requeues: 
     return True, f"{kind}: requeued (preemptions {counts['preempted']}, time-outs {counts['timed_out']})"
 
 
-def finish_stop(run_dir: str, rank: int, signal_lead_s: float, max_timeout_requeues: int, log) -> int:
+def finish_stop(run_dir: str, rank: int, signal_lead_s: float, max_timeout_requeues: int) -> int:
     """Collective, after every rank saved the stop checkpoint: rank 0 requeues the job when it
     should, and every rank learns the outcome before exiting (a task that exited first would make
     srun kill rank 0 before its requeue). Returns the exit status for this task."""
@@ -138,36 +139,18 @@ def finish_stop(run_dir: str, rank: int, signal_lead_s: float, max_timeout_reque
 
     job_id = os.environ.get("SLURM_JOB_ID")
     if job_id is None:
-        log("stopped by signal after a committed checkpoint; resume with --resume auto")
+        log.info("stopped by signal after a committed checkpoint; resume with --resume auto")
         return 0
     box: list = [0]
     if rank == 0:
         try:
             requeue, why = decide_requeue(run_dir, signal_lead_s + 60, max_timeout_requeues, _time_left_s(job_id))
-            log(f"stop signal: {why}")
+            log.info(f"stop signal: {why}")
             if requeue:
                 subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, timeout=60)
                 box[0] = EXIT_REQUEUED
         except (OSError, subprocess.SubprocessError) as e:  # the checkpoint is committed; say why no requeue
-            log(f"stop signal: requeue failed ({e}); resubmit with --resume auto")
+            log.warning(f"stop signal: requeue failed ({e}); resubmit with --resume auto")
             box[0] = 1
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-class TrainTask:
-    """What submitit runs in each task: the training entry point (which takes rank and world
-    from SLURM, as under srun). Picklable and importable from the package, so the job loads it."""
-
-    def __init__(self, argv: list[str]):
-        self.argv = list(argv)
-
-    def __call__(self) -> int:
-        from flamingo_dist import train
-
-        code = train.main(self.argv)
-        if code != 0:  # submitit writes a result only for a return: a stop or an error is an exit
-            sys.stdout.flush()
-            raise SystemExit(code)
-        return code
-

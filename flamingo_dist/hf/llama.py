@@ -14,51 +14,10 @@ from typing import Protocol
 
 import torch
 
-from flamingo_dist.config import LMConfig
+from flamingo_dist.config.schema import LMConfig
+from flamingo_dist.hf.llama_config import CheckpointError, read_hf_llama_config  # noqa: F401 (re-exported)
 
-SUPPORTED_ARCHS = ("LlamaForCausalLM",)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not fit: the message names the path, tensor or field."""
-
-
-def read_hf_llama_config(path: str) -> dict:
-    """Map a checkpoint's config.json onto LMConfig fields, refusing what we cannot represent."""
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"model.lm.path: {path} is not a directory")
-    if not os.path.isfile(cfg_file):
-        raise CheckpointError(f"model.lm.path: {cfg_file} is missing")
-    with open(cfg_file) as f:
-        hf = json.load(f)
-    archs = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" or not any(a in SUPPORTED_ARCHS for a in archs):
-        raise CheckpointError(f"{cfg_file}: architecture {archs or hf.get('model_type')!r} is not supported "
-                              f"(need model_type 'llama' and one of {SUPPORTED_ARCHS})")
-    problems = []
-    if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {hf['hidden_act']!r} (only silu)")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        problems.append("attention/MLP biases")
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        problems.append(f"rope scaling {rope_type!r}")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        problems.append(f"head_dim {head_dim} != hidden_size / num_attention_heads")
-    if problems:
-        raise CheckpointError(f"{cfg_file}: unsupported " + ", ".join(problems))
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-                num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads"),
-                rope_theta=float(theta), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                max_position_embeddings=hf.get("max_position_embeddings", 2048))
-
 
 def resolve_lm_config(cfg: LMConfig) -> list[str]:
     """Fill the shape fields from cfg.path's config.json; returns notes on replaced values."""

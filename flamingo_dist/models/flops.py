@@ -13,7 +13,7 @@ same as `torch.utils.flop_counter.FlopCounterMode`, which a test checks this cou
 
 from __future__ import annotations
 
-from flamingo_dist.config import ModelConfig, xattn_layer_indices
+from flamingo_dist.config.schema import ModelConfig, xattn_layer_indices
 from flamingo_dist.models.lm import NUM_NEW_TOKENS, padded_vocab_size
 
 

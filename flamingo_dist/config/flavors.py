@@ -9,8 +9,14 @@ IDEFICS (it builds L // interval blocks); the exporter says so.
 
 from __future__ import annotations
 
-from flamingo_dist.config import (
-    DataConfig, JobConfig, LMConfig, ModelConfig, ResamplerConfig, TrainConfig, VisionConfig,
+from flamingo_dist.config.schema import (
+    DataConfig,
+    JobConfig,
+    LMConfig,
+    ModelConfig,
+    ResamplerConfig,
+    TrainConfig,
+    VisionConfig,
     XAttnConfig,
 )
 
@@ -63,7 +69,7 @@ FLAVORS = {
 
 
 def get_flavor(name: str) -> JobConfig:
-    from flamingo_dist.config import ConfigError
+    from flamingo_dist.config.schema import ConfigError
 
     if name not in FLAVORS:
         raise ConfigError(f"flavor: unknown flavor {name!r} (known: {', '.join(FLAVORS)})")

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from flamingo_dist.config import TrainConfig
+from flamingo_dist.config.schema import TrainConfig
 
 _NO_DECAY = ("norm", "alpha_", "latents", "bias", "new_embed", "embed", "frame_embs")
 def lr_group(name: str) -> str:

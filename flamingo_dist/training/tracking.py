@@ -17,7 +17,7 @@ from importlib import metadata
 
 import torch.distributed as dist
 
-from flamingo_dist.config import TrackingConfig, flatten, to_dict
+from flamingo_dist.config.schema import TrackingConfig, flatten, to_dict
 
 _PACKAGES = ("torch", "deepspeed", "transformers", "megatron-core", "open_clip_torch", "webdataset",
              "mlflow", "submitit", "flamingo_dist")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from flamingo_dist.config import JobConfig
+from flamingo_dist.config.schema import JobConfig
 from flamingo_dist.models.flamingo import Flamingo
-from flamingo_dist.optim import build_optimizer, build_scheduler
+from flamingo_dist.training.optim import build_optimizer, build_scheduler
 
 
 def apply_freeze(model: Flamingo) -> None:
@@ -28,7 +28,7 @@ def apply_activation_checkpointing(model: Flamingo) -> None:
 def apply_deepspeed(model: nn.Module, cfg: JobConfig, ds_config: dict, mpu):
     import deepspeed
 
-    from flamingo_dist.checkpoint import universal_info
+    from flamingo_dist.training.checkpoint import universal_info
 
     # saved in every checkpoint, so it can be resumed at another TP size (checkpoint.py)
     model.universal_checkpoint_info = universal_info(model)
