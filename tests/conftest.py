@@ -18,6 +18,15 @@ def synthetic_corpus(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def world1():
+    """A world of one process (gloo), for the module's tests; torn down after them."""
+    from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
+
+    yield init_distributed(1)
+    destroy_distributed()
+
+
 @pytest.fixture(scope="session")
 def tokenizer(synthetic_corpus):
     """The synthetic corpus's word tokenizer (with IDEFICS' image tokens)."""

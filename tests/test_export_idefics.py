@@ -7,14 +7,6 @@ import torch
 from flamingo_dist.config.load import load_config
 
 
-@pytest.fixture(scope="module")
-def world1():
-    from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
-
-    yield init_distributed(1)
-    destroy_distributed()
-
-
 def trained_like(world1, *sets, seed: int = 11):
     """A debug model whose trainable weights are all random (gates open), as after training
     (`world1`: an initialised process group; `sets`: config overrides, TP size included)."""

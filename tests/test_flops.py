@@ -6,14 +6,6 @@ import torch
 from flamingo_dist.config.load import load_config
 
 
-@pytest.fixture(scope="module")
-def world1():
-    from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
-
-    yield init_distributed(1)
-    destroy_distributed()
-
-
 @pytest.mark.parametrize("sets", [[], ["model.lm.num_kv_heads=2", "model.xattn.cross_layer_interval=2"]])
 @pytest.mark.parametrize("used_slots", [3, 1])
 def test_formula_matches_flop_counter(world1, sets, used_slots):

@@ -8,15 +8,6 @@ from flamingo_dist.config.load import load_config
 
 
 @pytest.fixture(scope="module")
-def world1():
-    from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
-
-    layout = init_distributed(1)
-    yield layout
-    destroy_distributed()
-
-
-@pytest.fixture(scope="module")
 def model(world1):
     from flamingo_dist.distributed.groups import tp_group
     from flamingo_dist.training.build import build_model

@@ -241,8 +241,8 @@ class DataConfig:
     synthetic_val_docs: int = 64
     """Documents in the synthetic corpus' held-out part (generated when validation is on)."""
     tokenizer: Optional[str] = None
-    """Tokenizer directory; defaults to lm.path, or for a random LM to the synthetic corpus's
-    bundled tokenizer."""
+    """Tokenizer directory; defaults to lm.path (or init_from's), and on the synthetic corpus to
+    its bundled tokenizer. Required with data shards and a random LM (checked at start-up)."""
     seq_len: int = 256
     """Tokens per training sequence (the paper's 256; the debug flavor uses 64)."""
     max_images: int = 5
