@@ -65,7 +65,7 @@ def _sbatch_extra(items: list[str]) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from flamingo_dist.config.schema import ConfigError
-    from flamingo_dist.train import checked_inputs
+    from flamingo_dist.train import checked_inputs, print_error
 
     tasks_per_node = args.tasks_per_node or args.gpus_per_node
     if args.nodes < 1:
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     try:  # fail here, not in the queue
         cfg = checked_inputs(args.config, overrides, args.deepspeed, args.nodes * tasks_per_node)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     train_argv += ["--set", f"slurm.signal_lead_s={args.signal_lead}", "--resume", "auto"]
     folder = os.path.abspath(args.log_folder or os.path.join(cfg.tracking.run_dir, "slurm"))

@@ -47,3 +47,16 @@ def synthetic_backbones():
     root = os.path.join(REPO, cfg.model.synthetic_backbones)
     ensure_backbones(root, cfg.model.lm, cfg.model.vision.model_name, cfg.data.image_size)
     return root
+
+
+# Modules whose tests start several processes (run_distributed, the launchers, a SLURM cluster) or
+# train for a minute: `make test-fast` leaves them out (-m "not multiprocess"); `make test` runs all.
+MULTIPROCESS_MODULES = {"test_launch", "test_slurm_cluster", "test_checkpoint", "test_export_tool", "test_learning",
+                        "test_trainer", "test_eval_fewshot", "test_mixture", "test_train_on_shards", "test_demo",
+                        "test_tp", "test_generate", "test_import_idefics", "test_hf_llama"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in MULTIPROCESS_MODULES:
+            item.add_marker(pytest.mark.multiprocess)

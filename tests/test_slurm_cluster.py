@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import shardkit
 from slurm_cluster import LocalCluster, unavailable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,11 +166,17 @@ def test_preempted_sbatch_job_requeues_resumes_and_matches_the_uninterrupted_run
 
 def test_a_real_error_fails_the_job_without_requeue(cluster, synthetic_corpus, tmp_path):
     run_dir = str(tmp_path / "run")
-    tokenizer = os.path.join(synthetic_corpus, "tokenizer")  # valid config; the shards are found missing at run time
+    tokenizer = os.path.join(synthetic_corpus, "tokenizer")
+    # inputs that pass every start-up check (the launcher refuses a missing shard at once), but
+    # whose samples are all unusable (one shard per node's stream): the job finds that out when it
+    # reads the data
+    (tmp_path / "shards").mkdir()
+    for i in range(2):
+        shardkit.write_tar(str(tmp_path / "shards" / f"docs-{i:05d}.tar"), [{"__key__": "a", "txt": "no image ."}])
     proc = launch(cluster, synthetic_corpus, run_dir, "--wait",
-                  extra_sets=("data.shards=/nonexistent/*.tar", f"data.tokenizer={tokenizer}"))
+                  extra_sets=(f"data.shards={tmp_path / 'shards'}", f"data.tokenizer={tokenizer}"))
     assert proc.returncode == 1, proc.stdout[-3000:]
     jid = job_id(proc.stdout)
     assert "FAILED" in proc.stdout
-    assert "no .tar shards match" in proc.stdout  # the error is in the streamed log
+    assert "gave no usable document" in proc.stdout  # the error is in the streamed log
     assert sacct(cluster, jid) == ("FAILED", 0)

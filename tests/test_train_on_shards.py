@@ -41,8 +41,9 @@ def test_entry_point_trains_on_shards_built_from_an_image_folder(synthetic_corpu
     import mlflow
 
     shards = build_pairs(tmp_path, garbage=(5,))  # one undecodable image among 12
+    # the bad image's shard has 3 samples: judged when it ends, 1 of 3 is within a 0.5 skip rate
     proc, run_dir = train(tmp_path, synthetic_corpus, shards, "train.steps=3", "data.val_every_steps=3",
-                          "train.micro_batch_size=2", "data.pack=false")
+                          "train.micro_batch_size=2", "data.pack=false", "data.max_skip_rate=0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data: cc (pairs, 4 shards" in proc.stdout and "done: 3 steps" in proc.stdout, proc.stdout
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{os.path.join(run_dir, 'mlflow.db')}")
