@@ -157,6 +157,21 @@ def test_a_small_shard_is_judged_when_it_ends(tmp_path, tokenizer):
     assert stream.error and "2 of all 4 samples of shard" in stream.error and small in stream.error
 
 
+def test_a_stream_state_saved_before_the_new_counters_resumes(tmp_path, tokenizer):
+    """Checkpoints written before bad_field and images_dropped/<reason> existed still resume."""
+    from flamingo_dist.data.pipeline import COUNTERS, Source, Stream, initial_state
+    from flamingo_dist.data.processing import Processor
+
+    shard = shardkit.write_tar(str(tmp_path / "pairs-00000.tar"),
+                               [{"__key__": f"p{i}", "jpg": shardkit.image_bytes(i), "txt": "a shape ."} for i in range(3)])
+    old = initial_state()
+    old["counts"] = {c: 0 for c in COUNTERS if c != "skipped/bad_field" and not c.startswith("images_dropped/")}
+    stream = Stream(Source("s", "pairs", [shard]), Processor(tokenizer, seq_len=64, max_images=2, image_size=32),
+                    0, 1, seed=0, state=old)
+    _, state = stream.next_batch()
+    assert set(state["counts"]) == set(COUNTERS) and state["counts"]["documents"] >= 1
+
+
 # ------------------------------------------------------------------------------------ fuzzing
 JUNK = [None, True, False, 0, -1, 10 ** 12, 1.5, float("inf"), "", "high", "!!!", [], [None], {}, {"a": 1}]
 

@@ -131,9 +131,9 @@ class DataFeed:
         streams (samples read, documents used, images dropped, samples skipped per reason)."""
         vec = torch.zeros(len(self.sources), len(COUNTERS), dtype=torch.float64, device=self.device)
         for i, s in enumerate(self.sources):
-            for k, st in self.states[s.name].items():
+            for k, st in self.states[s.name].items():  # .get: a checkpoint older than a counter lacks it
                 if k % self.dp_size == self.dp_rank:
-                    vec[i] += torch.tensor([float(st["counts"][c]) for c in COUNTERS], dtype=torch.float64,
+                    vec[i] += torch.tensor([float(st["counts"].get(c, 0)) for c in COUNTERS], dtype=torch.float64,
                                            device=self.device)
         if self.dp_size > 1:
             dist.all_reduce(vec, group=self.dp_group)
