@@ -6,7 +6,7 @@ import torch
 from distributed import run_distributed
 
 
-def _forward_backward(layout):
+def _forward_backward(layout, loss_chunk_tokens=0):
     from flamingo_dist.config.load import load_config
     from flamingo_dist.distributed.groups import tp_group
     from flamingo_dist.training.build import build_model
@@ -28,7 +28,7 @@ def _forward_backward(layout):
 
     mask = image_attention_mask(ids, V + 1, 2, N)
     pixels = torch.randn(B, N, 3, 32, 32, generator=g)
-    loss, _ = model(ids, pixels, mask, labels_BT=ids, z_loss=1e-2)
+    loss, _ = model(ids, pixels, mask, labels_BT=ids, z_loss=1e-2, loss_chunk_tokens=loss_chunk_tokens)
     loss.backward()
     with torch.no_grad():
         logits = model.logits(ids, pixels, mask)
@@ -64,4 +64,18 @@ def test_tp2_equals_tp1_in_logits_loss_and_gradients(tmp_path):
         assert grads.keys() == ref_grads.keys()
         for name in grads:
             assert ref_grads[name].abs().sum() > 0, name
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_chunked_loss_equals_the_whole_loss_at_tp1_and_tp2(tmp_path):
+    """train.loss_chunk_tokens: the head and loss on chunks of 7 positions (20 = 7 + 7 + 6), each
+    recomputed in backward, give the loss and gradients of the whole-batch path, also with the
+    vocabulary split over 2 TP ranks."""
+    (ref_loss, _, ref_grads), = run_distributed(_forward_backward, 1, 1, tmp_path / "whole")
+    chunked = run_distributed(_forward_backward, 1, 1, tmp_path / "tp1", 7)
+    chunked += run_distributed(_forward_backward, 2, 2, tmp_path / "tp2", 7)
+    for loss, _, grads in chunked:
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

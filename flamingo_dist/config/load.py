@@ -252,6 +252,7 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
     need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas: two values in [0, 1)")
     need(t.grad_clip >= 0, "train.grad_clip: must be >= 0")
     need(t.z_loss >= 0, "train.z_loss: must be >= 0")
+    need(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens: must be >= 0 (0: no chunking)")
     need(t.precision in ("bf16", "fp32"), f"train.precision: {t.precision!r} is not bf16 or fp32")
     need(t.max_consecutive_skipped_steps >= 1, "train.max_consecutive_skipped_steps: must be >= 1")
     need(t.log_every >= 1, "train.log_every: must be >= 1")

@@ -182,6 +182,10 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     z_loss: float = 0.0
     """Coefficient of the z-loss (mean squared log-partition); 0 disables it."""
+    loss_chunk_tokens: int = 0
+    """> 0: the LM head and the loss run on chunks of this many positions per sequence, each
+    recomputed in backward, so the full [batch, seq, vocab] logits are never held (memory for
+    large vocabularies; costs one more head forward). 0: the whole batch at once."""
     precision: str = "bf16"
     """`bf16`: bf16 weights and activations everywhere, fp32 master weights for trainable
     parameters; `fp32`: everything in fp32 (parity tests)."""

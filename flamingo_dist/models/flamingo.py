@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from flamingo_dist.models.lm import TPLlama, vocab_parallel_loss
+from flamingo_dist.models.lm import TPLlama, target_loss, vocab_parallel_loss
 from flamingo_dist.models.resampler import PerceiverResampler
 from flamingo_dist.models.vision import VisionEncoder
 from flamingo_dist.models.xattn import GatedCrossAttentionBlock, expand_image_mask
@@ -165,18 +165,39 @@ class Flamingo(nn.Module):
 
     def forward(self, input_ids_BT, pixel_values_BNCP=None, image_attention_mask_BTN=None,
                 position_ids_BT=None, labels_BT=None, z_loss: float = 0.0, cache: GenerationCache | None = None,
-                document_ids_BT=None):
+                document_ids_BT=None, loss_chunk_tokens: int = 0):
         """Without labels: this rank's vocabulary shard of the logits [B, T, Vp/tp]. With labels:
-        (mean next-token loss over the labelled tokens + z-loss, detached statistics)."""
+        (mean next-token loss over the labelled tokens + z-loss, detached statistics).
+        `loss_chunk_tokens` > 0: the head and the loss run on chunks of that many positions, each
+        recomputed in backward, so the logits of the whole batch are never held at once."""
         h = self.hidden_states(input_ids_BT, pixel_values_BNCP, image_attention_mask_BTN, position_ids_BT, cache,
                                document_ids_BT)
-        logits = self.lm.logits_parallel(h)
-        if labels_BT is None:
-            return logits
-        ce_sum, z_sum, count = vocab_parallel_loss(logits, labels_BT, z_loss, self.lm.tp_group)
+        if labels_BT is not None and 0 < loss_chunk_tokens < h.shape[1]:
+            ce_sum, z_sum, count = self._chunked_loss(h, labels_BT, z_loss, loss_chunk_tokens)
+        else:
+            logits = self.lm.logits_parallel(h)
+            if labels_BT is None:
+                return logits
+            ce_sum, z_sum, count = vocab_parallel_loss(logits, labels_BT, z_loss, self.lm.tp_group)
         denom = count.clamp(min=1)
         return (ce_sum + z_sum) / denom, {"ce": (ce_sum / denom).detach(), "z_loss": (z_sum / denom).detach(),
                                           "tokens": count}
+
+    def _chunked_loss(self, h_BTD, labels_BT, z_loss: float, chunk: int):
+        """(CE sum, z-loss sum, predicted tokens) of `vocab_parallel_loss`, the head and loss run
+        per chunk of positions under activation checkpointing (every TP rank walks the same
+        chunks, so the head's collectives match)."""
+        targets_BT = torch.cat([labels_BT[:, 1:], labels_BT.new_full((labels_BT.shape[0], 1), -100)], dim=1)
+
+        def part(h, t):
+            ce, z, _ = target_loss(self.lm.logits_parallel(h), t, z_loss, self.lm.tp_group)
+            return ce, z
+
+        ce_sum = z_sum = 0.0
+        for s in range(0, h_BTD.shape[1], chunk):
+            ce, z = checkpoint(part, h_BTD[:, s: s + chunk], targets_BT[:, s: s + chunk], use_reentrant=False)
+            ce_sum, z_sum = ce_sum + ce, z_sum + z
+        return ce_sum, z_sum, (targets_BT != -100).sum()
 
     def logits(self, *args, **kwargs) -> torch.Tensor:
         """Full logits [B, T, V+2], gathered across TP ranks (evaluation, parity tests)."""

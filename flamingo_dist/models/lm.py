@@ -292,10 +292,17 @@ def vocab_parallel_loss(logits_BTv: torch.Tensor, labels_BT: torch.Tensor, z_los
                         tp_group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy over vocab-parallel logits (labels aligned with input ids,
     -100 ignored). Returns (summed CE, summed z-loss term, number of predicted tokens)."""
+    return target_loss(logits_BTv[:, :-1], labels_BT[:, 1:], z_loss, tp_group)
+
+
+def target_loss(logits_BTv: torch.Tensor, targets_BT: torch.Tensor, z_loss: float,
+                tp_group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`vocab_parallel_loss` with the targets already shifted: position t is scored against
+    targets_BT[:, t] (-100 ignored)."""
     from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region, vocab_parallel_cross_entropy
 
-    logits = logits_BTv[:, :-1].float()
-    targets = labels_BT[:, 1:]
+    logits = logits_BTv.float()
+    targets = targets_BT
     valid = targets != -100
     # megatron's kernel subtracts the max from its input in place: give it its own copy.
     ce = vocab_parallel_cross_entropy(logits.clone(), targets.masked_fill(~valid, 0))

@@ -379,7 +379,8 @@ class Trainer:
         b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         pixels = normalize_pixels(b["pixel_values"])  # the loader ships uint8: normalised here, on the device
         return self.engine(b["input_ids"], pixels, b["image_attention_mask"], position_ids_BT=b["position_ids"],
-                           labels_BT=b["labels"], z_loss=self.cfg.train.z_loss, document_ids_BT=b.get("document_ids"))
+                           labels_BT=b["labels"], z_loss=self.cfg.train.z_loss, document_ids_BT=b.get("document_ids"),
+                           loss_chunk_tokens=self.cfg.train.loss_chunk_tokens)
 
     def _check_data_error(self, flag: float) -> None:
         """Collective when any rank's data reported an error (a shard over the skip-rate limit):
