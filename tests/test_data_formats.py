@@ -101,6 +101,9 @@ def test_missing_or_empty_shard_lists_fail_naming_them(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match=r"data.sources\[x\].shards: no .tar shards"):
         list_shards(str(tmp_path / "empty"), "data.sources[x].shards")
+    (tmp_path / "empty" / "z-00000.tar").write_bytes(b"")  # a zero-byte shard (a copy that never finished)
+    with pytest.raises(FileNotFoundError, match=r"data.val_shards: empty shard file\(s\) .*z-00000.tar"):
+        list_shards(str(tmp_path / "empty"), "data.val_shards")
 
 
 def test_tools_build_pairs_mmc4_video_and_check_them(tmp_path):

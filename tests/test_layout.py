@@ -83,3 +83,12 @@ def test_the_layer_check_sees_imports_inside_functions(tmp_path):
     """The graph includes function-level imports (the ones that hid the old circles)."""
     graph = import_graph()
     assert "flamingo_dist.training.trainer" in graph["flamingo_dist.train"]  # imported inside main()
+
+
+def test_the_readme_layout_names_every_subpackage_in_layer_order():
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    block = text[text.index("## Layout"):text.index("## Design")]
+    entries = [line.split()[0] for line in block.splitlines() if line.startswith("  ") and line[2] != " "]
+    named = [e for e in entries if e.rstrip("/") in LAYERS[:-1] + ["train.py"]]
+    assert [n.rstrip("/").removesuffix(".py") for n in named] == LAYERS, named

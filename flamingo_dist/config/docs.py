@@ -1,4 +1,4 @@
-"""Render docs/config.md from the field docstrings in config.py (read with `ast`: dataclass
+"""Render docs/config.md from the field docstrings in schema.py (read with `ast`: dataclass
 field docstrings are not kept at run time)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from flamingo_dist.config.flavors import FLAVORS
 
 
 def field_docs() -> dict[str, dict[str, str]]:
-    """{class name: {field name: docstring}} for every dataclass in config.py."""
+    """{class name: {field name: docstring}} for every dataclass in schema.py."""
     tree = ast.parse(inspect.getsource(config_module))
     out: dict[str, dict[str, str]] = {}
     for node in tree.body:

@@ -1,6 +1,6 @@
 """Selecting config values and checking them: the flavor, then the YAML file, then each
 ``--set dotted.key=value`` override; ``validate`` reports every problem at once, before any heavy
-import or allocation. (The typed fields themselves are in config.py.)"""
+import or allocation. (The typed fields themselves are in schema.py.)"""
 
 from __future__ import annotations
 

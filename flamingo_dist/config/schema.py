@@ -2,7 +2,7 @@
 
 YAML files and ``--set a.b=value`` overrides only select values; derived values (vocabulary
 padding, head dim, placement of cross-attention blocks) are computed, never typed twice.
-Loading and ``validate`` (every error at once, before any heavy import) are in config_load.py.
+Loading and ``validate`` (every error at once, before any heavy import) are in load.py.
 The docstrings are the documentation: ``tools/gen_config_docs.py`` renders them into
 ``docs/config.md`` and a test keeps that file current.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -397,6 +398,15 @@ class JobConfig:
 
 
 CHECKPOINT_COMMIT = "COMMITTED.json"  # the marker file of a committed checkpoint (training/checkpoint.py)
+
+
+def committed_checkpoints(root: str) -> list[str]:
+    """Committed checkpoint directories (step_NNNNNNNN with the commit marker) under root, oldest
+    first. Here, without torch, so the start-up checks can use it."""
+    if not os.path.isdir(root):
+        return []
+    dirs = [os.path.join(root, d) for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d)]
+    return sorted(d for d in dirs if os.path.isfile(os.path.join(d, CHECKPOINT_COMMIT)))
 
 
 def checkpoint_dir(cfg: JobConfig) -> str:

@@ -163,7 +163,7 @@ class DataFeed:
 def resolve_sources(cfg: JobConfig, synthetic_dir: Optional[str] = None,
                     synthetic_val_dir: Optional[str] = None) -> tuple[list[Source], dict[str, list[str]]]:
     """(training sources, {source name: validation shard paths}); shard patterns are listed now, so
-    a missing shard or an empty list fails at start-up with the source named."""
+    a missing or empty shard or an empty list fails at start-up with the source named."""
     from flamingo_dist.config.load import source_configs
     from flamingo_dist.data.formats import list_shards
 
@@ -177,8 +177,4 @@ def resolve_sources(cfg: JobConfig, synthetic_dir: Optional[str] = None,
         if val_spec:
             val[sc.name] = list_shards(val_spec, f"data.sources[{sc.name}].val_shards" if cfg.data.sources
                                        else "data.val_shards")
-    for s in sources:
-        empty = [p for p in s.shards if os.path.getsize(p) == 0]
-        if empty:
-            raise FileNotFoundError(f"data source {s.name!r}: empty shard file(s) {empty[:3]}")
     return sources, val

@@ -172,7 +172,8 @@ def read_shard(path: str, skip: int = 0) -> Iterator[tuple[int, Union[dict, BadS
 
 def list_shards(spec: str, what: str = "data.shards") -> list[str]:
     """A directory of .tar files, a glob, or webdataset brace notation -> sorted shard paths.
-    An explicitly named shard that does not exist, or a pattern matching none, is an error."""
+    An explicitly named shard that does not exist, a pattern matching none, or an empty shard
+    file is an error (FileNotFoundError naming `what`)."""
     import braceexpand
 
     if os.path.isdir(spec):
@@ -186,6 +187,9 @@ def list_shards(spec: str, what: str = "data.shards") -> list[str]:
             paths.extend(found)
     if not paths:
         raise FileNotFoundError(f"{what}: no .tar shards match {spec!r}")
+    empty = [p for p in paths if os.path.getsize(p) == 0]
+    if empty:
+        raise FileNotFoundError(f"{what}: empty shard file(s) {', '.join(empty[:3])}")
     return paths
 
 
@@ -240,13 +244,14 @@ def parse_obelics(sample: dict) -> Document:
     doc = Document([], key)
     for i, (text, image) in enumerate(zip(texts, images)):
         if image is not None:
-            if not isinstance(image, str):
+            member = image.lower() if isinstance(image, str) else None
+            if member is None:
                 doc.dropped.append(BadSample("bad_field", f"{key}.json images[{i}]: {type(image).__name__}, "
                                                           "not a member name"))
-            elif image.lower() not in sample:
-                doc.dropped.append(BadSample("missing_key", f"{key}: image member .{image.lower()} not in the shard"))
+            elif member not in sample:
+                doc.dropped.append(BadSample("missing_key", f"{key}: image member .{member} not in the shard"))
             else:
-                doc.items.append(Media([sample[image.lower()]], name=image.lower()))
+                doc.items.append(Media([sample[member]], name=member))
         elif text is not None and _text(text, f"{key}.json texts[{i}]"):
             doc.items.append(text)
     return _check_document(doc)
@@ -342,8 +347,7 @@ def parse_video(sample: dict) -> Document:
         meta = _json(sample)
         if "caption" not in meta:
             raise BadSample("missing_key", f"{key}.json: no caption")
-        caption = meta["caption"]
-        caption = _text(caption, f"{key}.json caption")
+        caption = _text(meta["caption"], f"{key}.json caption")
     else:
         raise BadSample("missing_key", f"{key}: no .txt or .json caption")
     return _check_document(Document([media, caption], key))

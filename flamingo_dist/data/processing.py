@@ -83,8 +83,9 @@ class Limits:
     jpeg_draft: bool = True
 
 
-# What decoders of untrusted bytes raise on malformed input, besides OSError (PIL's usual one):
-# seen in fuzzing PIL's plugins with cut and flipped bytes.
+# What decoding untrusted bytes may raise besides OSError (PIL's usual one): PIL's plugins parse
+# headers with struct and index arithmetic, so a cut or flipped file can surface as any of these.
+# Each becomes a counted undecodable_image; nothing else is caught.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError,
                  struct.error, RuntimeError)
 

@@ -301,8 +301,7 @@ def target_loss(logits_BTv: torch.Tensor, targets_BT: torch.Tensor, z_loss: floa
     targets_BT[:, t] (-100 ignored)."""
     from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region, vocab_parallel_cross_entropy
 
-    logits = logits_BTv.float()
-    targets = targets_BT
+    logits, targets = logits_BTv.float(), targets_BT
     valid = targets != -100
     # megatron's kernel subtracts the max from its input in place: give it its own copy.
     ce = vocab_parallel_cross_entropy(logits.clone(), targets.masked_fill(~valid, 0))

@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from flamingo_dist.config.schema import CHECKPOINT_COMMIT
+from flamingo_dist.config.schema import committed_checkpoints as committed  # noqa: F401 (checkpoint.committed)
 
 COMMIT = CHECKPOINT_COMMIT
 log = logging.getLogger(__name__)
@@ -206,14 +207,6 @@ def save(trainer, root: str) -> str:
         os.replace(tmp, os.path.join(path, COMMIT))
     dist.barrier()
     return path
-
-
-def committed(root: str) -> list[str]:
-    """Committed checkpoint directories under root, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    dirs = [os.path.join(root, d) for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d)]
-    return sorted(d for d in dirs if os.path.isfile(os.path.join(d, COMMIT)))
 
 
 def verify(path: str) -> None:

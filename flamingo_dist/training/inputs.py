@@ -10,7 +10,7 @@ import json
 import os
 
 from flamingo_dist.config.load import source_configs
-from flamingo_dist.config.schema import CHECKPOINT_COMMIT, ConfigError, JobConfig
+from flamingo_dist.config.schema import CHECKPOINT_COMMIT, ConfigError, JobConfig, committed_checkpoints
 
 
 def input_problems(cfg: JobConfig, deepspeed: str) -> list[str]:
@@ -29,9 +29,8 @@ def input_problems(cfg: JobConfig, deepspeed: str) -> list[str]:
     resume = cfg.checkpoint.resume
     if resume not in (None, "auto") and os.path.isdir(resume) \
             and not os.path.isfile(os.path.join(resume, CHECKPOINT_COMMIT)):
-        steps = sorted(d for d in os.listdir(resume) if d.startswith("step_")
-                       and os.path.isfile(os.path.join(resume, d, CHECKPOINT_COMMIT)))
-        hint = (f"; it holds committed checkpoints: give one ({os.path.join(resume, steps[-1])}) or --resume auto "
+        steps = committed_checkpoints(resume)
+        hint = (f"; it holds committed checkpoints: give one ({steps[-1]}) or --resume auto "
                 f"with checkpoint.dir={resume}") if steps else "; give a step_NNNNNNNN directory of a run's checkpoints"
         problems.append(f"checkpoint.resume: {resume} is not a committed checkpoint (no {CHECKPOINT_COMMIT}){hint}")
 
@@ -64,13 +63,9 @@ def input_problems(cfg: JobConfig, deepspeed: str) -> list[str]:
                 if not spec:
                     continue
                 try:
-                    paths = list_shards(spec, f"{where}.{field}")
+                    list_shards(spec, f"{where}.{field}")
                 except FileNotFoundError as e:
                     problems.append(str(e))
-                    continue
-                empty = [p for p in paths if os.path.getsize(p) == 0]
-                if empty:
-                    problems.append(f"{where}.{field}: empty shard file(s) {', '.join(empty[:3])}")
     return problems
 
 
