@@ -19,7 +19,8 @@ so all see the same machine state; each process times `--steps` steps after `--w
 one forward+backward are counted for each with torch's FlopCounterMode. `--images-per-row 3 2 1 0`
 gives rows fewer images than slots (the rest zero padding, as packed batches have); the stack
 `ours-encode-all` is ours encoding every slot, padding included (the ablation of
-`Flamingo.skip_padding_media`).
+`Flamingo.skip_padding_media`); `ours-unmap-freed` is ours with glibc's default allocator settings
+(`train.cpu_keep_freed_memory=false`, the ablation of keeping freed host memory).
 
 OpenFlamingo is not a dependency: install it into a folder of its own and point --openflamingo
 at it (`make bench-openflamingo` does both):
@@ -48,7 +49,7 @@ BATCH, SEQ, IMAGES, IMAGE_SIZE = 4, 256, 3, 224
 IMAGE_AT = (5, 90, 170)  # where each image's <image> token sits; its text runs to the next one
 INTERVAL, LATENTS, DEPTH, HEADS, HEAD_DIM = 2, 64, 6, 8, 64
 LR = 1e-4
-STACKS = ("ours", "openflamingo", "ours-encode-all")
+STACKS = ("ours", "openflamingo", "ours-encode-all", "ours-unmap-freed")
 
 
 def prepare(work: str) -> None:
@@ -104,7 +105,7 @@ def pixels_uint8(per_row: list[int]):
     return px
 
 
-def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False):
+def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False, keep_freed: bool = True):
     """(step function, flop-counted forward+backward, trainable parameters) of our stack."""
     import torch
 
@@ -126,7 +127,7 @@ def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False
         f"model.resampler.head_dim={HEAD_DIM}", f"model.xattn.cross_layer_interval={INTERVAL}",
         f"data.seq_len={SEQ}", f"data.max_images={IMAGES}", f"data.image_size={IMAGE_SIZE}",
         f"train.micro_batch_size={BATCH}", f"train.precision={precision}", f"train.lr={LR}", "train.warmup_steps=0",
-        f"data.tokenizer={work}/llama"])
+        f"data.tokenizer={work}/llama", f"train.cpu_keep_freed_memory={keep_freed}"])
     resolve_model_config(cfg.model)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = build_model(cfg.model, tp_group(), cfg.train.seed, dtype)
@@ -199,9 +200,9 @@ def worker(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    if args.stack in ("ours", "ours-encode-all"):
+    if args.stack.startswith("ours"):
         step, forward_backward, trainable = ours(args.work, args.one_precision, args.images_per_row,
-                                                 args.stack == "ours-encode-all")
+                                                 args.stack == "ours-encode-all", args.stack != "ours-unmap-freed")
     else:
         step, forward_backward, trainable = openflamingo(args.work, args.one_precision, args.openflamingo,
                                                          args.images_per_row)

@@ -192,6 +192,11 @@ class TrainConfig:
     parameters; `fp32`: everything in fp32 (parity tests)."""
     activation_checkpointing: bool = False
     """Recompute each LM layer (and its cross-attention block) in the backward pass."""
+    cpu_keep_freed_memory: bool = True
+    """Training on CPU: glibc keeps freed memory for reuse instead of unmapping every large block
+    (a step reallocates the same gradient buffers: 55-79 thousand pages faulted in per step of
+    tools/bench_openflamingo.py's shape, under 10 thousand when kept). Resident memory then stays
+    near its peak. No effect on GPU."""
     seed: int = 1234
     """Seed for initialisation and data order."""
     max_consecutive_skipped_steps: int = 5
