@@ -20,7 +20,8 @@ one forward+backward are counted for each with torch's FlopCounterMode. `--image
 gives rows fewer images than slots (the rest zero padding, as packed batches have); the stack
 `ours-encode-all` is ours encoding every slot, padding included (the ablation of
 `Flamingo.skip_padding_media`); `ours-unmap-freed` is ours with glibc's default allocator settings
-(`train.cpu_keep_freed_memory=false`, the ablation of keeping freed host memory).
+(`train.cpu_keep_freed_memory=false`, the ablation of keeping freed host memory); `ours-compiled`
+is ours with `train.compile=true` (compilation happens in the warm-up steps, not timed).
 
 OpenFlamingo is not a dependency: install it into a folder of its own and point --openflamingo
 at it (`make bench-openflamingo` does both):
@@ -49,7 +50,10 @@ BATCH, SEQ, IMAGES, IMAGE_SIZE = 4, 256, 3, 224
 IMAGE_AT = (5, 90, 170)  # where each image's <image> token sits; its text runs to the next one
 INTERVAL, LATENTS, DEPTH, HEADS, HEAD_DIM = 2, 64, 6, 8, 64
 LR = 1e-4
-STACKS = ("ours", "openflamingo", "ours-encode-all", "ours-unmap-freed")
+# our variants: config overrides of each (ours-encode-all is a model switch, set in `ours`)
+OURS = {"ours": [], "ours-encode-all": [], "ours-unmap-freed": ["train.cpu_keep_freed_memory=false"],
+        "ours-compiled": ["train.compile=true"]}
+STACKS = ("openflamingo", *OURS)
 
 
 def prepare(work: str) -> None:
@@ -105,7 +109,7 @@ def pixels_uint8(per_row: list[int]):
     return px
 
 
-def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False, keep_freed: bool = True):
+def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False, sets: tuple[str, ...] = ()):
     """(step function, flop-counted forward+backward, trainable parameters) of our stack."""
     import torch
 
@@ -127,7 +131,7 @@ def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False
         f"model.resampler.head_dim={HEAD_DIM}", f"model.xattn.cross_layer_interval={INTERVAL}",
         f"data.seq_len={SEQ}", f"data.max_images={IMAGES}", f"data.image_size={IMAGE_SIZE}",
         f"train.micro_batch_size={BATCH}", f"train.precision={precision}", f"train.lr={LR}", "train.warmup_steps=0",
-        f"data.tokenizer={work}/llama", f"train.cpu_keep_freed_memory={keep_freed}"])
+        f"data.tokenizer={work}/llama", *sets])
     resolve_model_config(cfg.model)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = build_model(cfg.model, tp_group(), cfg.train.seed, dtype)
@@ -200,9 +204,9 @@ def worker(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    if args.stack.startswith("ours"):
+    if args.stack in OURS:
         step, forward_backward, trainable = ours(args.work, args.one_precision, args.images_per_row,
-                                                 args.stack == "ours-encode-all", args.stack != "ours-unmap-freed")
+                                                 args.stack == "ours-encode-all", OURS[args.stack])
     else:
         step, forward_backward, trainable = openflamingo(args.work, args.one_precision, args.openflamingo,
                                                          args.images_per_row)

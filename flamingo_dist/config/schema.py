@@ -192,6 +192,10 @@ class TrainConfig:
     parameters; `fp32`: everything in fp32 (parity tests)."""
     activation_checkpointing: bool = False
     """Recompute each LM layer (and its cross-attention block) in the backward pass."""
+    compile: bool = False
+    """torch.compile each (cross-attention block, LM layer) unit for training and validation
+    (generation stays eager). The first steps pay the compilation (tens of seconds per distinct
+    unit on CPU); see docs/benchmarks.md for what it gains."""
     cpu_keep_freed_memory: bool = True
     """Training on CPU: glibc keeps freed memory for reuse instead of unmapping every large block
     (a step reallocates the same gradient buffers: 55-79 thousand pages faulted in per step of

@@ -26,6 +26,14 @@ class FlamingoLayer(nn.Module):
         # the LM; registering it here too would give every frozen weight a second name.
         object.__setattr__(self, "decoder", decoder)
         self.activation_checkpointing = False
+        self.compiled_forward = None  # set by compile_unit (train.compile)
+
+    def compile_unit(self) -> None:
+        """torch.compile this unit's forward (cross-attention block + LM layer) for the calls
+        without a generation cache: training and validation. Generation stays eager (its shapes
+        change every token). Every layer shares one compiled code object; its graphs are
+        reused across layers of the same shape."""
+        self.compiled_forward = torch.compile(self._forward, dynamic=False)
 
     def _forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask=None, media_kv=None,
                  kv_cache=None):
@@ -35,11 +43,14 @@ class FlamingoLayer(nn.Module):
 
     def forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask=None, media_kv=None,
                 kv_cache=None):
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            # Non-reentrant: the reentrant form drops gradients of trainable parameters when the
-            # block's inputs come from frozen layers (no input requires grad).
-            return checkpoint(self._forward, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask,
-                              use_reentrant=False)
+        if kv_cache is None and media_kv is None:
+            unit = self.compiled_forward or self._forward
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Non-reentrant: the reentrant form drops gradients of trainable parameters when the
+                # block's inputs come from frozen layers (no input requires grad).
+                return checkpoint(unit, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask,
+                                  use_reentrant=False)
+            return unit(x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask)
         return self._forward(x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask, media_kv, kv_cache)
 
 

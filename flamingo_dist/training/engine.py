@@ -1,5 +1,5 @@
 """The one ordered function that turns a pure model into a training engine:
-freeze -> activation checkpointing -> optimizer/schedule -> DeepSpeed engine.
+freeze -> activation checkpointing -> compile -> optimizer/schedule -> DeepSpeed engine.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def apply_freeze(model: Flamingo) -> None:
 def apply_activation_checkpointing(model: Flamingo) -> None:
     for layer in model.layers:
         layer.activation_checkpointing = True
+
+
+def apply_compile(model: Flamingo) -> None:
+    for layer in model.layers:
+        layer.compile_unit()
 
 
 def apply_deepspeed(model: nn.Module, cfg: JobConfig, ds_config: dict, mpu):
@@ -73,4 +78,6 @@ def parallelize(model: Flamingo, cfg: JobConfig, ds_config: dict, mpu):
     apply_freeze(model)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        apply_compile(model)
     return apply_deepspeed(model, cfg, ds_config, mpu)
