@@ -141,3 +141,91 @@ def test_video_frames_get_time_embeddings_and_are_resampled_together(world1):
     assert not torch.allclose(single, image)  # a one-frame video carries its time embedding; an image none
     with pytest.raises(ValueError, match="5 frames.*time embeddings for 4"):
         m.encode_media(torch.randn(1, 1, 5, 3, 32, 32))
+
+
+def with_packed_attention(model, kind: str, fn):
+    before = model.packed_attention
+    model.packed_attention = kind
+    try:
+        return fn()
+    finally:
+        model.packed_attention = before
+
+
+def test_flex_attention_gives_the_masked_logits(model, tokenizer):
+    """model.packed_attention=flex: FlexAttention's compiled kernel with the documents' block mask
+    against scaled_dot_product_attention with the boolean mask (forward: what CPU can run)."""
+    batch, encoded = packed(tokenizer, docs(0), True)
+    assert len(set(batch["document_ids"][0].tolist()) - {0}) == 3
+    masked = with_packed_attention(model, "mask", lambda: run(model, batch))
+    flex = with_packed_attention(model, "flex", lambda: run(model, batch))
+    torch.testing.assert_close(flex, masked, rtol=1e-5, atol=1e-5)
+    # not vacuous: without the documents' mask (one causal sequence) the logits differ
+    whole = dict(batch)
+    whole.pop("document_ids")
+    assert not torch.allclose(with_packed_attention(model, "flex", lambda: run(model, whole)), masked,
+                              rtol=1e-3, atol=1e-3)
+
+
+def flex_and_masked_gradients(model, batch, device: str):
+    """(loss, trainable gradients) with each packed attention, the model on `device`."""
+    from flamingo_dist.data.processing import normalize_pixels
+    from flamingo_dist.training.engine import apply_freeze
+
+    apply_freeze(model)
+    model.to(device).train()
+    b = {k: v.to(device) for k, v in batch.items()}
+    out = {}
+    for kind in ("mask", "flex"):
+        model.zero_grad(set_to_none=True)
+        model.packed_attention = kind
+        loss, _ = model(b["input_ids"], normalize_pixels(b["pixel_values"]), b["image_attention_mask"],
+                        position_ids_BT=b["position_ids"], document_ids_BT=b["document_ids"], labels_BT=b["labels"])
+        loss.backward()
+        out[kind] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out
+
+
+def assert_same_loss_and_gradients(out, rtol, atol):
+    (loss_m, grads_m), (loss_f, grads_f) = out["mask"], out["flex"]
+    torch.testing.assert_close(loss_f, loss_m, rtol=rtol, atol=atol)
+    assert grads_m.keys() == grads_f.keys() and len(grads_m) > 0
+    for name in grads_m:
+        assert grads_m[name].abs().sum() > 0, f"{name}: no gradient at all"
+        torch.testing.assert_close(grads_f[name], grads_m[name], rtol=rtol, atol=atol, msg=name)
+
+
+def fresh_model(world1):
+    from flamingo_dist.distributed.groups import tp_group
+    from flamingo_dist.training.build import build_model
+
+    m = build_model(load_config(None, []).model, tp_group(), seed=3, dtype=torch.float32)
+    with torch.no_grad():
+        for _, block in m.xattn_blocks():
+            block.alpha_cross_attn.fill_(0.7)
+            block.alpha_dense.fill_(0.7)
+    return m
+
+
+def test_flex_attention_gives_the_masked_gradients_through_its_reference_backward(world1, tokenizer, monkeypatch):
+    """torch 2.14 refuses FlexAttention's backward on CPU (its fused kernels are GPU-only), so here
+    the block mask's loss and gradients go through FlexAttention's uncompiled reference
+    implementation, the CPU guard lifted; the compiled GPU kernel's gradients are the test below,
+    run by tools/gpu_check.sh on a GPU."""
+    import torch.nn.attention.flex_attention as fa
+
+    import flamingo_dist.models.lm as lm
+
+    with pytest.raises(NotImplementedError, match="backward on CPU"):  # what the guard protects
+        q = torch.randn(1, 1, 128, 8, requires_grad=True)
+        fa.flex_attention(q, q, q)
+    monkeypatch.setattr(fa, "_validate_device", lambda *a: None)
+    monkeypatch.setattr(lm, "flex_attention_kernel", lambda: fa.flex_attention)
+    batch, _ = packed(tokenizer, docs(0), True)
+    assert_same_loss_and_gradients(flex_and_masked_gradients(fresh_model(world1), batch, "cpu"), 1e-5, 1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs a GPU")
+def test_flex_attention_gives_the_masked_gradients_on_gpu(world1, tokenizer):
+    batch, _ = packed(tokenizer, docs(0), True)
+    assert_same_loss_and_gradients(flex_and_masked_gradients(fresh_model(world1), batch, "cuda"), 1e-4, 1e-5)

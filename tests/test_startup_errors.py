@@ -75,3 +75,11 @@ def test_a_directory_of_checkpoints_is_pointed_to_its_newest(tmp_path):
     problems = input_problems(load_config(None, [f"checkpoint.resume={tmp_path}"]),
                               os.path.join(REPO, "ds_configs/zero2.json"))
     assert len(problems) == 1 and str(tmp_path / "step_00000020") in problems[0], problems
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device trains with FlexAttention")
+def test_flex_attention_without_a_gpu_is_refused_at_start_up():
+    code, err, _, _ = run_entry("--set", "model.packed_attention=flex")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: model.packed_attention: flex"), err
+    code, err, _, _ = run_entry("--set", "model.packed_attention=flash")
+    assert code == 2 and "model.packed_attention: 'flash' is not mask or flex" in err[0], err

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # GPU-only checks and benchmarks, in one call on a lent GPU machine (see /work/.library/device):
 # the entry point under torchrun with nccl, then tools/benchmark.py on the debug flavor (bf16 and
-# fp32), on the 3b flavor (random weights, bf16, ZeRO-2), and the data loader per worker. Needs the wheels in .whl/ (deepspeed,
-# megatron-core, open_clip, webdataset and their missing deps). Results land in $OUT.
+# fp32), on the 3b flavor (random weights, bf16, ZeRO-2) as it is, with FlexAttention for the packed
+# documents (model.packed_attention=flex) and with train.compile, the GPU-only parity tests
+# (FlexAttention's gradients, compiled units), and the data loader per worker. Needs the wheels in
+# .whl/ (deepspeed, megatron-core, open_clip, webdataset, pytest and their missing deps). Results
+# land in $OUT.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -31,6 +34,28 @@ if [ "${SKIP_BIG:-0}" != 1 ]; then
     --set train.micro_batch_size=8 --set train.activation_checkpointing=false --set data.num_workers=4 \
     --warmup 3 --steps 10 --out "$OUT/bench_3b_bf16.json" > "$OUT/bench_3b_bf16.log" 2>&1
   echo "exit $?"; tail -20 "$OUT/bench_3b_bf16.log"
+fi
+
+echo "== GPU parity: FlexAttention's compiled kernel (loss, gradients) against the masked path; compiled units"
+timeout 300 python3 -m pytest -q -p no:cacheprovider "tests/test_packing.py::test_flex_attention_gives_the_masked_gradients_on_gpu" \
+  "tests/test_packing.py::test_flex_attention_gives_the_masked_logits" > "$OUT/pytest_gpu.log" 2>&1
+echo "exit $?"; tail -3 "$OUT/pytest_gpu.log"
+
+echo "== packed-document attention, forward + backward: SDPA with the mask against FlexAttention's kernel"
+timeout 120 python3 tools/bench_packed_attention.py --device cuda --backward --dtype bf16 \
+  --out "$OUT/bench_packed_attention.json" > "$OUT/bench_packed_attention.log" 2>&1
+echo "exit $?"; grep -E "median_ms|speedup|max_abs" "$OUT/bench_packed_attention.log"
+
+if [ "${SKIP_BIG:-0}" != 1 ]; then
+  for variant in "model.packed_attention=flex" "train.compile=true"; do
+    name=${variant//[.=]/_}
+    echo "== benchmark 3b bf16 with $variant"
+    timeout 300 torchrun --nproc_per_node 1 tools/benchmark.py --deepspeed ds_configs/zero2.json \
+      --set flavor=3b --set tracking.mlflow=false --set data.synthetic_dir=/tmp/synth_3b --set data.synthetic_num_docs=128 \
+      --set train.micro_batch_size=8 --set train.activation_checkpointing=false --set data.num_workers=4 --set "$variant" \
+      --warmup 5 --steps 10 --out "$OUT/bench_3b_bf16_$name.json" > "$OUT/bench_3b_bf16_$name.log" 2>&1
+    echo "exit $?"; grep -E "tokens_per_s|mfu|step_time|memory" "$OUT/bench_3b_bf16_$name.log"
+  done
 fi
 
 echo "== data loading per worker process (this machine's CPU)"

@@ -230,6 +230,8 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
         need(not bad, f"model.xattn.layers: {bad} outside 0..{lm.num_layers - 1}")
     elif x.layers:
         errors.append("model.xattn.layers: only used with placement explicit")
+    need(cfg.model.packed_attention in ("mask", "flex"),
+         f"model.packed_attention: {cfg.model.packed_attention!r} is not mask or flex")
     need(x.alpha_type in ("float", "vector"), f"model.xattn.alpha_type: {x.alpha_type!r} is not float or vector")
     for name in ("num_latents", "depth", "num_heads", "head_dim"):
         need(getattr(r, name) > 0, f"model.resampler.{name}: must be positive")

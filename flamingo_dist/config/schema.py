@@ -131,6 +131,12 @@ class ModelConfig:
     """Perceiver Resampler."""
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
     """Gated cross-attention blocks."""
+    packed_attention: str = "mask"
+    """How the LM's self-attention keeps the documents packed into one sequence apart: `mask`, a
+    [B, 1, T, T] boolean mask through scaled_dot_product_attention (any device); `flex`,
+    FlexAttention with a block mask built from the document ids, compiled into one kernel that
+    skips the blocks no token attends to (the same result; training with it needs a CUDA device,
+    as torch has no FlexAttention backward on CPU)."""
     init_from: Optional[str] = None
     """A transformers IDEFICS checkpoint directory (IdeficsForVisionText2Text) to start from:
     every weight, every shape above and the tokenizer come from it (shape fields given here are

@@ -96,6 +96,7 @@ class Flamingo(nn.Module):
             FlamingoLayer(xattn_blocks.get(i), decoder) for i, decoder in enumerate(lm.layers))
         self.xattn_layer_indices = sorted(xattn_blocks)
         self.skip_padding_media = True  # encode only the media slots a token attends to (encode_media)
+        self.packed_attention = "mask"  # how packed documents are kept apart: mask (SDPA) or flex
 
     def trainable_modules(self) -> list[nn.Module]:
         """Everything that trains; all other parameters are frozen."""
@@ -160,7 +161,8 @@ class Flamingo(nn.Module):
         if document_ids_BT is not None:
             if cache is not None:
                 raise ValueError("document_ids (packed training sequences) do not go with a generation cache")
-            self_mask = document_causal_mask(document_ids_BT)
+            self_mask = (document_block_mask(document_ids_BT) if self.packed_attention == "flex"
+                         else document_causal_mask(document_ids_BT))
         for i, layer in enumerate(self.layers):
             media_kv = kv_cache = None
             if cache is not None:
@@ -213,6 +215,20 @@ class Flamingo(nn.Module):
     def logits(self, *args, **kwargs) -> torch.Tensor:
         """Full logits [B, T, V+2], gathered across TP ranks (evaluation, parity tests)."""
         return self.lm.gather_logits(self.forward(*args, **kwargs))
+
+
+def document_block_mask(document_ids_BT: torch.Tensor):
+    """The same mask as `document_causal_mask` as a FlexAttention BlockMask: its kernel skips the
+    blocks of the score matrix no token attends to (later tokens, other documents) instead of
+    computing and masking them, and holds [B, T/128, T/128] block indices, not [B, T, T]."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = document_ids_BT.shape
+
+    def causal_same_document(b, h, q, k):
+        return (k <= q) & (document_ids_BT[b, q] == document_ids_BT[b, k])
+
+    return create_block_mask(causal_same_document, B, None, T, T, device=document_ids_BT.device)
 
 
 def document_causal_mask(document_ids_BT: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,24 @@ def RowLinear(*args, **kwargs) -> nn.Module:  # noqa: N802
     return layer
 
 
+def is_block_mask(mask) -> bool:
+    if mask is None or isinstance(mask, torch.Tensor):
+        return False
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return isinstance(mask, BlockMask)
+
+
+@functools.cache
+def flex_attention_kernel():
+    """FlexAttention compiled into one fused kernel (Triton on GPU, C++ on CPU); uncompiled it
+    materialises the scores. torch 2.14 has no FlexAttention backward on CPU: training with it
+    needs a GPU (refused at start-up otherwise, training/inputs.py)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 class DecoderLayer(nn.Module):
     """One frozen LLaMA layer: pre-RMSNorm attention with RoPE, pre-RMSNorm SwiGLU MLP."""
 
@@ -171,8 +189,11 @@ class DecoderLayer(nn.Module):
                 if T > 1:
                     attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x_BTD.device).tril(diagonal=past)
             kv_cache["k"], kv_cache["v"] = k_BKTE, v_BKTE
-        attn_BHTE = nn.functional.scaled_dot_product_attention(
-            q_BHTE, k_BKTE, v_BKTE, attn_mask=attn_mask, is_causal=causal, enable_gqa=K != H)
+        if is_block_mask(attn_mask):  # packed documents through FlexAttention (models/flamingo.py)
+            attn_BHTE = flex_attention_kernel()(q_BHTE, k_BKTE, v_BKTE, block_mask=attn_mask, enable_gqa=K != H)
+        else:
+            attn_BHTE = nn.functional.scaled_dot_product_attention(
+                q_BHTE, k_BKTE, v_BKTE, attn_mask=attn_mask, is_causal=causal, enable_gqa=K != H)
         x_BTD = x_BTD + self.o_proj(attn_BHTE.transpose(1, 2).reshape(B, T, H * E))
         gate_up = self.gate_up_proj(self.post_attention_layernorm(x_BTD))
         gate, up = gate_up.chunk(2, dim=-1)

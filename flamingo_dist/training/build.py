@@ -69,6 +69,7 @@ def build_model(cfg: ModelConfig, tp_group: dist.ProcessGroup, seed: int,
         init_sharded_linears_(block, torch.Generator().manual_seed(seed + 100 + i), tp_rank, tp_size)
         blocks[i] = block
     model = Flamingo(vision, resampler, lm, blocks, r.num_latents)
+    model.packed_attention = cfg.packed_attention
     if cfg.init_from:
         load_idefics_weights(model, cfg)
     else:

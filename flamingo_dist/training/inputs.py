@@ -1,8 +1,9 @@
 """Start-up checks of everything a run reads from disk, before anything heavy is imported or built:
 the DeepSpeed JSON, the checkpoint to resume, the LM's config.json, the tokenizer, every shard
 list. Each mistake is one line naming the field or the file (`ConfigError.problems`); the field
-checks themselves are config/load.py's `validate`. No torch here: `deepspeed flamingo_dist/train.py`
-with a mistake exits in about a second."""
+checks themselves are config/load.py's `validate`. No torch here (except to look for a CUDA device
+when model.packed_attention is flex): `deepspeed flamingo_dist/train.py` with a mistake exits in
+about a second."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ def input_problems(cfg: JobConfig, deepspeed: str) -> list[str]:
                 f"with checkpoint.dir={resume}") if steps else "; give a step_NNNNNNNN directory of a run's checkpoints"
         problems.append(f"checkpoint.resume: {resume} is not a committed checkpoint (no {CHECKPOINT_COMMIT}){hint}")
 
+    if cfg.model.packed_attention == "flex":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("model.packed_attention: flex trains on a CUDA device only (torch has no FlexAttention "
+                            "backward on CPU); use mask here")
     lm, d = cfg.model.lm, cfg.data
     if lm.path is not None and os.path.isdir(lm.path):
         from flamingo_dist.hf.llama_config import CheckpointError, read_hf_llama_config
