@@ -16,8 +16,9 @@ normalised floats for OpenFlamingo.
 
 The stacks alternate in separate processes (`--pairs` rounds, the order reversed every round),
 so all see the same machine state; each process times `--steps` steps after `--warmup`. FLOPs of
-one forward+backward are counted for each with torch's FlopCounterMode. `--images-per-row 3 2 1 0`
-gives rows fewer images than slots (the rest zero padding, as packed batches have); the stack
+one forward+backward are counted for each with torch's FlopCounterMode; page faults (pages first
+touched) per timed step with getrusage. `--images-per-row 3 2 1 0` gives rows fewer images than
+slots (the rest zero padding, as packed batches have); the stack
 `ours-encode-all` is ours encoding every slot, padding included (the ablation of
 `Flamingo.skip_padding_media`); `ours-unmap-freed` is ours with glibc's default allocator settings
 (`train.cpu_keep_freed_memory=false`, the ablation of keeping freed host memory); `ours-compiled`
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -211,15 +213,17 @@ def worker(args) -> dict:
         step, forward_backward, trainable = openflamingo(args.work, args.one_precision, args.openflamingo,
                                                          args.images_per_row)
     losses = [step() for _ in range(args.warmup)]
-    times = []
+    times, faults = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)  # pages first touched
     counter = FlopCounterMode(display=False)
     with counter:
         forward_backward()
-    return {"stack": args.stack, "precision": args.one_precision, "step_times_s": times, "losses": losses,
+    return {"stack": args.stack, "precision": args.one_precision, "step_times_s": times, "page_faults": faults,
+            "losses": losses,
             "flops_per_step": counter.get_total_flops(), "trainable_parameters": trainable}
 
 
@@ -243,6 +247,8 @@ def summarize(runs: list[dict]) -> dict:
             entry[stack] = {"samples_per_s": {"min": min(rates), "median": statistics.median(rates), "max": max(rates)},
                             "tokens_per_s_median": statistics.median(rates) * SEQ,
                             "step_time_s_median": BATCH / statistics.median(rates),
+                            "page_faults_per_step_median": statistics.median(
+                                statistics.median(r["page_faults"]) for r in mine),
                             "flops_per_step": mine[0]["flops_per_step"],
                             "trainable_parameters": mine[0]["trainable_parameters"], "processes": len(mine)}
         for stack in entry.copy():
@@ -299,7 +305,8 @@ def main(argv=None) -> int:
             r = e[stack]
             print(f"{precision} {stack:15} {r['samples_per_s']['median']:.2f} samples/s "
                   f"({r['samples_per_s']['min']:.2f}-{r['samples_per_s']['max']:.2f}), "
-                  f"{r['flops_per_step'] / 1e9:.0f} GFLOP/step, {r['trainable_parameters'] / 1e6:.1f}M trainable")
+                  f"{r['flops_per_step'] / 1e9:.0f} GFLOP/step, {r['trainable_parameters'] / 1e6:.1f}M trainable, "
+                  f"{r['page_faults_per_step_median']:.0f} page faults/step")
         for key, value in e.items():
             if key.startswith("ratio_"):
                 print(f"{precision} {key}: x{value:.2f}")

@@ -205,8 +205,8 @@ class TrainConfig:
     cpu_keep_freed_memory: bool = True
     """Training on CPU: glibc keeps freed memory for reuse instead of unmapping every large block
     (a step reallocates the same gradient buffers: 55-79 thousand pages faulted in per step of
-    tools/bench_openflamingo.py's shape, under 10 thousand when kept). Resident memory then stays
-    near its peak. No effect on GPU."""
+    tools/bench_openflamingo.py's shape, 6 when kept in a median step; docs/benchmarks.md).
+    Resident memory then stays near its peak. No effect on GPU."""
     seed: int = 1234
     """Seed for initialisation and data order."""
     max_consecutive_skipped_steps: int = 5
