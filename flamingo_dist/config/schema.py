@@ -201,7 +201,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each (cross-attention block, LM layer) unit for training and validation
     (generation stays eager). The first steps pay the compilation (tens of seconds per distinct
-    unit on CPU); see docs/benchmarks.md for what it gains."""
+    unit on CPU); see docs/benchmarks.md for what it gains. fp32 losses equal eager's; in bf16
+    they differ in the third digit (inductor keeps fused intermediates in fp32 where eager rounds
+    every op to bf16)."""
     cpu_keep_freed_memory: bool = True
     """Training on CPU: glibc keeps freed memory for reuse instead of unmapping every large block
     (a step reallocates the same gradient buffers: 55-79 thousand pages faulted in per step of
