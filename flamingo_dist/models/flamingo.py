@@ -31,8 +31,8 @@ class FlamingoLayer(nn.Module):
     def compile_unit(self) -> None:
         """torch.compile this unit's forward (cross-attention block + LM layer) for the calls
         without a generation cache: training and validation. Generation stays eager (its shapes
-        change every token). Every layer shares one compiled code object; its graphs are
-        reused across layers of the same shape."""
+        change every token). torch caches compiled graphs per code object, with the modules'
+        weights as graph inputs, so layers of the same shape share one graph."""
         self.compiled_forward = torch.compile(self._forward, dynamic=False)
 
     def _forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask=None, media_kv=None,

@@ -35,6 +35,12 @@ def apply_activation_checkpointing(model: Flamingo) -> None:
 
 
 def apply_compile(model: Flamingo) -> None:
+    import torch._dynamo
+
+    # megatron's TP linears break the graph inside a unit, and their frames are recompiled per
+    # weight shape and per frozen/trainable (the LM layer's four, the block's seven): more than
+    # dynamo's default of 8 per frame, past which it would silently run them eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for layer in model.layers:
         layer.compile_unit()
 
