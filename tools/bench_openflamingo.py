@@ -24,6 +24,12 @@ slots (the rest zero padding, as packed batches have); the stack
 (`train.cpu_keep_freed_memory=false`, the ablation of keeping freed host memory); `ours-compiled`
 is ours with `train.compile=true` (compilation happens in the warm-up steps, not timed).
 
+`--profile` adds, per process, torch's profiler over `--profile-steps` more steps: each step's
+operator time split into matrix products (mm, addmm, bmm, ...), attention (SDPA, softmax,
+FlexAttention) and everything else, and then the ceiling this sets: OpenFlamingo's median step
+over our matrix-product time, the ratio ours would reach if everything but its matrix products
+took no time at all.
+
 OpenFlamingo is not a dependency: install it into a folder of its own and point --openflamingo
 at it (`make bench-openflamingo` does both):
 
@@ -56,6 +62,11 @@ LR = 1e-4
 OURS = {"ours": [], "ours-encode-all": [], "ours-unmap-freed": ["train.cpu_keep_freed_memory=false"],
         "ours-compiled": ["train.compile=true"]}
 STACKS = ("openflamingo", *OURS)
+# operator names (self time) counted as matrix products and as attention by --profile
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation",
+                        "aten::mkldnn_convolution", "aten::convolution_backward", "mkldnn::_linear_pointwise",
+                        "aten::_weight_int8pack_mm", "aten::mkldnn_rnn_layer"})
+ATTENTION_MARKS = ("scaled_dot_product", "softmax", "flex_attention")
 
 
 def prepare(work: str) -> None:
@@ -219,18 +230,42 @@ def worker(args) -> dict:
         losses.append(step())
         times.append(time.perf_counter() - t0)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)  # pages first touched
+    profiled = profile_steps(step, args.profile_steps) if args.profile else None
     counter = FlopCounterMode(display=False)
     with counter:
         forward_backward()
     return {"stack": args.stack, "precision": args.one_precision, "step_times_s": times, "page_faults": faults,
-            "losses": losses,
+            "losses": losses, "op_ms_per_step": profiled,
             "flops_per_step": counter.get_total_flops(), "trainable_parameters": trainable}
+
+
+def op_time_breakdown(events, steps: int) -> dict:
+    """Self CPU time per step in ms, split into `matmul`, `attention` and `other`, from
+    (operator name, self time in us) pairs such as torch.profiler's key_averages(). `total` is
+    their sum: operator time, a little below the step's wall time (Python between operators)."""
+    out = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for name, self_us in events:
+        kind = ("matmul" if name in MATMUL_OPS else
+                "attention" if any(m in name for m in ATTENTION_MARKS) else "other")
+        out[kind] += self_us / 1e3 / steps
+    out["total"] = sum(out.values())
+    return out
+
+
+def profile_steps(step, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return op_time_breakdown(((e.key, e.self_cpu_time_total) for e in prof.key_averages()), steps)
 
 
 def run_one(args, stack: str, precision: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, "--one-precision", precision, "--work",
            args.work, "--openflamingo", args.openflamingo, "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--images-per-row", *map(str, args.images_per_row)]
+           "--images-per-row", *map(str, args.images_per_row), *(["--profile"] if args.profile else []),
+           "--profile-steps", str(args.profile_steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{stack} {precision} failed:\n{proc.stderr[-4000:]}")
@@ -251,10 +286,20 @@ def summarize(runs: list[dict]) -> dict:
                                 statistics.median(r["page_faults"]) for r in mine),
                             "flops_per_step": mine[0]["flops_per_step"],
                             "trainable_parameters": mine[0]["trainable_parameters"], "processes": len(mine)}
+            if mine[0].get("op_ms_per_step"):
+                entry[stack]["op_ms_per_step_median"] = {
+                    k: statistics.median(r["op_ms_per_step"][k] for r in mine) for k in mine[0]["op_ms_per_step"]}
         for stack in entry.copy():
             if stack != "ours" and "ours" in entry:
                 entry[f"ratio_ours_over_{stack}"] = (entry["ours"]["samples_per_s"]["median"]
                                                      / entry[stack]["samples_per_s"]["median"])
+            if stack.startswith("ours-") and "openflamingo" in entry:
+                entry[f"ratio_{stack}_over_openflamingo"] = (entry[stack]["samples_per_s"]["median"]
+                                                             / entry["openflamingo"]["samples_per_s"]["median"])
+            if (stack.startswith("ours") and "openflamingo" in entry
+                    and "op_ms_per_step_median" in entry[stack]):  # ours with nothing but its matrix products
+                entry[f"ceiling_{stack}_over_openflamingo"] = (
+                    entry["openflamingo"]["step_time_s_median"] * 1e3 / entry[stack]["op_ms_per_step_median"]["matmul"])
         out[precision] = entry
     return out
 
@@ -274,6 +319,10 @@ def main(argv=None) -> int:
     p.add_argument("--stacks", nargs="+", default=["ours", "openflamingo"], choices=STACKS)
     p.add_argument("--images-per-row", nargs=BATCH, type=int, default=[IMAGES] * BATCH,
                    help=f"images used in each of the {BATCH} rows (0-{IMAGES}; the other slots are padding)")
+    p.add_argument("--profile", action="store_true",
+                   help="split each stack's step into matrix products, attention and the rest (torch.profiler) "
+                        "and report the ratio ours would reach with nothing but its matrix products")
+    p.add_argument("--profile-steps", type=int, default=2, help="steps profiled per process (after the timed ones)")
     p.add_argument("--out", help="write every measurement and the summary as JSON here")
     p.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)
     p.add_argument("--one-precision", help=argparse.SUPPRESS)
@@ -307,8 +356,12 @@ def main(argv=None) -> int:
                   f"({r['samples_per_s']['min']:.2f}-{r['samples_per_s']['max']:.2f}), "
                   f"{r['flops_per_step'] / 1e9:.0f} GFLOP/step, {r['trainable_parameters'] / 1e6:.1f}M trainable, "
                   f"{r['page_faults_per_step_median']:.0f} page faults/step")
+            if "op_ms_per_step_median" in r:
+                ms = r["op_ms_per_step_median"]
+                print(f"{precision} {stack:15} operators per step: matmul {ms['matmul']:.0f} ms, attention "
+                      f"{ms['attention']:.0f} ms, other {ms['other']:.0f} ms (total {ms['total']:.0f} ms)")
         for key, value in e.items():
-            if key.startswith("ratio_"):
+            if key.startswith(("ratio_", "ceiling_")):
                 print(f"{precision} {key}: x{value:.2f}")
     if args.out:
         with open(args.out, "w") as fh:

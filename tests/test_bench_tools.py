@@ -1,0 +1,67 @@
+"""The benchmark tools' own arithmetic (the benchmarks themselves are run by hand: docs/benchmarks.md)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_profile_breakdown_puts_matrix_products_and_attention_apart():
+    """bench_openflamingo --profile on a real profile: a step of one large matrix product and one
+    SDPA call (forward and backward) with a little elementwise work; the three parts add up to
+    the operator total, the matrix product lands in `matmul`, SDPA and its backward in
+    `attention`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bench = _tool("bench_openflamingo")
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    q = torch.randn(2, 4, 64, 32, requires_grad=True)
+
+    def step():
+        (a @ b).relu_()
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        step()
+    events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    parts = bench.op_time_breakdown(events, steps=2)
+    assert parts["total"] == pytest.approx(sum(us for _, us in events) / 1e3 / 2)
+    assert parts["matmul"] + parts["attention"] + parts["other"] == pytest.approx(parts["total"])
+    mm_us = sum(us for name, us in events if name == "aten::mm")
+    sdpa_us = sum(us for name, us in events if "scaled_dot_product" in name)
+    assert mm_us > 0 and sdpa_us > 0
+    relu_us = sum(us for name, us in events if name == "aten::relu_")
+    assert relu_us > 0
+    eps = 1e-9  # float sums in another order
+    assert parts["matmul"] >= mm_us / 1e3 / 2 - eps
+    assert parts["attention"] >= sdpa_us / 1e3 / 2 - eps
+    assert parts["other"] >= relu_us / 1e3 / 2 - eps
+
+
+def test_the_ceiling_is_openflamingos_step_over_our_matrix_products():
+    bench = _tool("bench_openflamingo")
+
+    def run(stack, step_s, matmul_ms):
+        return {"stack": stack, "precision": "fp32", "step_times_s": [step_s] * 3, "page_faults": [0],
+                "flops_per_step": 1, "trainable_parameters": 1,
+                "op_ms_per_step": {"matmul": matmul_ms, "attention": 1.0, "other": 1.0, "total": matmul_ms + 2}}
+
+    summary = bench.summarize([run("ours", 1.0, 600.0), run("ours", 1.2, 800.0), run("ours", 1.1, 700.0),
+                               run("ours-compiled", 0.9, 650.0), run("openflamingo", 1.5, 900.0)])["fp32"]
+    assert summary["ours"]["op_ms_per_step_median"]["matmul"] == 700.0
+    assert summary["ceiling_ours_over_openflamingo"] == pytest.approx(1500 / 700)
+    assert summary["ceiling_ours-compiled_over_openflamingo"] == pytest.approx(1500 / 650)
+    assert summary["ratio_ours-compiled_over_openflamingo"] == pytest.approx((4 / 0.9) / (4 / 1.5))
+    assert summary["ratio_ours_over_openflamingo"] == pytest.approx((4 / 1.1) / (4 / 1.5))
