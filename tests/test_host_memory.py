@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 # One process per setting: the allocator setting is process-wide and cannot be undone.
 PROBE = """
@@ -42,3 +43,20 @@ def test_a_freed_large_buffer_is_reused_without_faulting_its_pages_in_again():
     # settles), the later rounds reuse them
     assert kept["faults"][0] > pages // 2
     assert max(kept["faults"][-4:]) < pages // 20
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_freed_memory_is_kept_only_when_training_on_the_cpu(monkeypatch, cuda):
+    """On a GPU the model is built on the CPU too (megatron's CPU initialisation) and moved by
+    DeepSpeed: the host must not keep the memory it held then."""
+    from flamingo_dist.config.schema import JobConfig
+    from flamingo_dist.training import engine
+
+    calls = []
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(engine, "keep_freed_host_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(engine, "apply_freeze", lambda model: None)
+    monkeypatch.setattr(engine, "apply_deepspeed", lambda model, cfg, ds_config, mpu: "engine")
+    model = torch.nn.Linear(2, 2)  # on the CPU in both cases, as the real model is here
+    assert engine.parallelize(model, JobConfig(), {}, None) == "engine"
+    assert calls == ([] if cuda else [1])

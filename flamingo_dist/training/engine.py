@@ -8,6 +8,7 @@ import ctypes
 import logging
 import sys
 
+import torch
 from torch import nn
 
 from flamingo_dist.config.schema import JobConfig
@@ -79,7 +80,10 @@ def keep_freed_host_memory() -> bool:
 
 
 def parallelize(model: Flamingo, cfg: JobConfig, ds_config: dict, mpu):
-    if cfg.train.cpu_keep_freed_memory and next(model.parameters()).device.type == "cpu":
+    # the device rule of distributed.groups.init_distributed: CUDA when visible. The model is
+    # still on the CPU here either way (megatron's CPU initialisation; DeepSpeed moves it), so its
+    # parameters cannot tell: on a GPU the host keeps nothing but what building left behind.
+    if cfg.train.cpu_keep_freed_memory and not torch.cuda.is_available():
         keep_freed_host_memory()
     apply_freeze(model)
     if cfg.train.activation_checkpointing:
