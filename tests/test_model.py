@@ -149,16 +149,18 @@ def test_activation_checkpointing_gives_the_same_gradients(world1):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_units_give_the_same_loss_and_gradients(world1, checkpointing):
-    """train.compile: each (xattn, layer) unit through torch.compile (inductor, C++ on CPU)
-    against the eager model, with and without activation checkpointing around it."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="inductor's GPU kernels (run by tools/gpu_check.sh)"))])
+def test_compiled_units_give_the_same_loss_and_gradients(world1, checkpointing, device):
+    """train.compile: each (xattn, layer) unit through torch.compile (inductor: C++ on CPU,
+    Triton on GPU) against the eager model, with and without activation checkpointing around it."""
     from flamingo_dist.training.engine import apply_activation_checkpointing, apply_compile, apply_freeze
 
     def prepared(compiled: bool):
         model, cfg = build(world1)
         set_gates(model, 0.3)
         apply_freeze(model)
-        model.train()
+        model.to(device).train()
         if checkpointing:
             apply_activation_checkpointing(model)
         if compiled:
@@ -172,8 +174,8 @@ def test_compiled_units_give_the_same_loss_and_gradients(world1, checkpointing):
         unit = layer.compiled_forward
         assert hasattr(unit, "_torchdynamo_orig_callable"), "the unit is not a torch.compile'd function"
         layer.compiled_forward = lambda *a, _unit=unit: calls.append(1) or _unit(*a)
-    ids, mask = two_image_batch(cfg.model.lm.vocab_size)
-    pixels = torch.randn(1, 2, 3, 32, 32)
+    ids, mask = (t.to(device) for t in two_image_batch(cfg.model.lm.vocab_size))
+    pixels = torch.randn(1, 2, 3, 32, 32).to(device)
 
     def loss_and_grads(m):
         loss, _ = m(ids, pixels, mask, labels_BT=ids)

@@ -30,6 +30,10 @@ FlexAttention) and everything else, and then the ceiling this sets: OpenFlamingo
 over our matrix-product time, the ratio ours would reach if everything but its matrix products
 took no time at all.
 
+`--device cuda` runs both on the GPU (the default when one is visible): OpenFlamingo under
+`torch.autocast("cuda", bfloat16)`, its `amp_bf16`; peak GPU memory per step is reported. `--device
+cpu` hides the GPU from the workers.
+
 OpenFlamingo is not a dependency: install it into a folder of its own and point --openflamingo
 at it (`make bench-openflamingo` does both):
 
@@ -136,7 +140,7 @@ def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("BENCH_PORT", "29741"))
-    init_distributed(1)
+    layout = init_distributed(1)  # the GPU when the worker sees one (run_one hides it for --device cpu)
     cfg = load_config(None, [
         "model.synthetic_backbones=null", f"model.lm.path={work}/llama", f"model.vision.model_name={VISION}",
         f"model.vision.pretrained={work}/vit.pt", f"model.resampler.depth={DEPTH}",
@@ -155,7 +159,7 @@ def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False
     ids = token_ids(V + 1, V, None, per_row)
     mask = image_attention_mask(ids, V + 1, 2, IMAGES)
     labels = labels_for(ids, torch.ones_like(ids), V + 1, V)
-    px = pixels_uint8(per_row)
+    ids, mask, labels, px = (t.to(layout.device) for t in (ids, mask, labels, pixels_uint8(per_row)))
 
     def forward_backward():
         loss, _ = engine(ids, normalize_pixels(px), mask, labels_BT=labels)
@@ -170,7 +174,7 @@ def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False
     return step, forward_backward, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def openflamingo(work: str, precision: str, of_path: str, per_row: list[int]):
+def openflamingo(work: str, precision: str, of_path: str, per_row: list[int], device: str):
     import contextlib
 
     import torch
@@ -184,16 +188,18 @@ def openflamingo(work: str, precision: str, of_path: str, per_row: list[int]):
     register_model_config(VISION)
     model, _, tok = create_model_and_transforms(VISION, f"{work}/vit.pt", f"{work}/llama", f"{work}/llama",
                                                 cross_attn_every_n_layers=INTERVAL, use_local_files=True)
-    model.train()
+    model.to(device).train()
     image_id, eoc_id = tok.convert_tokens_to_ids(["<image>", "<|endofchunk|>"])
     ids = token_ids(image_id, None, eoc_id, per_row)
     labels = ids.clone()
     labels[labels == image_id] = -100  # as its train loop does (padding: none here)
-    vision_x = normalize_pixels(pixels_uint8(per_row))[:, :, None]  # [B, T_img, F=1, C, H, W]
+    vision_x = normalize_pixels(pixels_uint8(per_row).to(device))[:, :, None]  # [B, T_img, F=1, C, H, W]
+    ids, labels = ids.to(device), labels.to(device)
     attention = torch.ones_like(ids)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.1)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    autocast = ((lambda: torch.autocast(device, dtype=torch.bfloat16)) if precision == "bf16"
+                else contextlib.nullcontext)
 
     def forward_backward():
         with autocast():
@@ -222,20 +228,24 @@ def worker(args) -> dict:
                                                  args.stack == "ours-encode-all", OURS[args.stack])
     else:
         step, forward_backward, trainable = openflamingo(args.work, args.one_precision, args.openflamingo,
-                                                         args.images_per_row)
+                                                         args.images_per_row, args.device)
     losses = [step() for _ in range(args.warmup)]
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times, faults = [], []
     for _ in range(args.steps):
         f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        losses.append(step())
+        losses.append(step())  # .item(): the step's kernels have finished
         times.append(time.perf_counter() - t0)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)  # pages first touched
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     profiled = profile_steps(step, args.profile_steps) if args.profile else None
     counter = FlopCounterMode(display=False)
     with counter:
         forward_backward()
     return {"stack": args.stack, "precision": args.one_precision, "step_times_s": times, "page_faults": faults,
-            "losses": losses, "op_ms_per_step": profiled,
+            "losses": losses, "op_ms_per_step": profiled, "device": args.device, "peak_memory_gib": peak_gib,
             "flops_per_step": counter.get_total_flops(), "trainable_parameters": trainable}
 
 
@@ -265,8 +275,9 @@ def run_one(args, stack: str, precision: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, "--one-precision", precision, "--work",
            args.work, "--openflamingo", args.openflamingo, "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--images-per-row", *map(str, args.images_per_row), *(["--profile"] if args.profile else []),
-           "--profile-steps", str(args.profile_steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+           "--profile-steps", str(args.profile_steps), "--device", args.device]
+    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{stack} {precision} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -286,6 +297,8 @@ def summarize(runs: list[dict]) -> dict:
                                 statistics.median(r["page_faults"]) for r in mine),
                             "flops_per_step": mine[0]["flops_per_step"],
                             "trainable_parameters": mine[0]["trainable_parameters"], "processes": len(mine)}
+            if mine[0].get("peak_memory_gib") is not None:
+                entry[stack]["peak_memory_gib_max"] = max(r["peak_memory_gib"] for r in mine)
             if mine[0].get("op_ms_per_step"):
                 entry[stack]["op_ms_per_step_median"] = {
                     k: statistics.median(r["op_ms_per_step"][k] for r in mine) for k in mine[0]["op_ms_per_step"]}
@@ -319,6 +332,7 @@ def main(argv=None) -> int:
     p.add_argument("--stacks", nargs="+", default=["ours", "openflamingo"], choices=STACKS)
     p.add_argument("--images-per-row", nargs=BATCH, type=int, default=[IMAGES] * BATCH,
                    help=f"images used in each of the {BATCH} rows (0-{IMAGES}; the other slots are padding)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where both stacks train (default: cuda when visible)")
     p.add_argument("--profile", action="store_true",
                    help="split each stack's step into matrix products, attention and the rest (torch.profiler) "
                         "and report the ratio ours would reach with nothing but its matrix products")
@@ -327,6 +341,13 @@ def main(argv=None) -> int:
     p.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)
     p.add_argument("--one-precision", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and args.profile:
+        print("error: --profile splits CPU operator time; it has no meaning with --device cuda", file=sys.stderr)
+        return 2
     if any(not 0 <= n <= IMAGES for n in args.images_per_row):
         print(f"error: --images-per-row: each count must be in 0..{IMAGES}", file=sys.stderr)
         return 2
@@ -355,7 +376,8 @@ def main(argv=None) -> int:
             print(f"{precision} {stack:15} {r['samples_per_s']['median']:.2f} samples/s "
                   f"({r['samples_per_s']['min']:.2f}-{r['samples_per_s']['max']:.2f}), "
                   f"{r['flops_per_step'] / 1e9:.0f} GFLOP/step, {r['trainable_parameters'] / 1e6:.1f}M trainable, "
-                  f"{r['page_faults_per_step_median']:.0f} page faults/step")
+                  f"{r['page_faults_per_step_median']:.0f} page faults/step"
+                  + (f", peak {r['peak_memory_gib_max']:.2f} GiB on the GPU" if "peak_memory_gib_max" in r else ""))
             if "op_ms_per_step_median" in r:
                 ms = r["op_ms_per_step_median"]
                 print(f"{precision} {stack:15} operators per step: matmul {ms['matmul']:.0f} ms, attention "
@@ -367,7 +389,8 @@ def main(argv=None) -> int:
         with open(args.out, "w") as fh:
             json.dump({"summary": summary, "runs": runs, "shape": {"lm": LM, "vision": VISION, "batch": BATCH,
                                                                     "seq": SEQ, "images": IMAGES,
-                                                                    "images_per_row": args.images_per_row}}, fh, indent=1)
+                                                                    "images_per_row": args.images_per_row},
+                       "device": args.device}, fh, indent=1)
     return 0
 
 

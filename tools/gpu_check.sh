@@ -1,63 +1,85 @@
 #!/usr/bin/env bash
-# GPU-only checks and benchmarks, in one call on a lent GPU machine (see /work/.library/device):
-# the entry point under torchrun with nccl, then tools/benchmark.py on the debug flavor (bf16 and
-# fp32), on the 3b flavor (random weights, bf16, ZeRO-2) as it is, with FlexAttention for the packed
-# documents (model.packed_attention=flex) and with train.compile, the GPU-only parity tests
-# (FlexAttention's gradients, compiled units), and the data loader per worker. Needs the wheels in
-# .whl/ (deepspeed, megatron-core, open_clip, webdataset, pytest and their missing deps). Results
-# land in $OUT.
+# GPU-only checks and benchmarks in one call on a lent GPU machine (the device tool, see
+# /work/.library/device), most important first, all inside BUDGET_S seconds (default 500, so a
+# call with timeout_s 600 returns everything; a step that would start past the budget is skipped
+# and says so):
+#   1. the GPU parity tests: FlexAttention's compiled kernel (loss and gradients) against the
+#      masked path, compiled (xattn, LM layer) units against eager
+#   2. the 3b flavor (random weights, ViT-L-14, xattn every layer, micro-batch 8, ZeRO-2, bf16):
+#      step time, tokens/s, images/s, peak memory, frozen-aware MFU (tools/benchmark.py)
+#   3. ours against OpenFlamingo on the same model, bf16, on the GPU (tools/bench_openflamingo.py)
+#   4. the 3b flavor with train.compile, then with model.packed_attention=flex
+#   5. packed-document attention alone, forward + backward (tools/bench_packed_attention.py)
+#   6. the entry point under torchrun with nccl (debug flavor), the debug benchmark, the data loader
+# Before the call, here: `bash tools/gpu_wheels.sh` (fills .whl/) and `make
+# .bench/openflamingo/open_flamingo`; the run carries [".whl", ".bench/openflamingo"]. The summary
+# is printed; every log and JSON goes to $OUT/gpu_results.tgz, rewritten after each step (the
+# device tool brings back at most 8 files); record the results in docs/benchmarks.md.
 set -uo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
+FINAL=${OUT:-gpu_out}
+OUT=/tmp/gpu_results
+BUDGET_S=${BUDGET_S:-500}
+mkdir -p "$OUT" "$FINAL"
+pack() { tar -czf "$FINAL/gpu_results.tgz" -C "$OUT" . 2>/dev/null; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, deepspeed, megatron.core, open_clip; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
-common=(--set tracking.mlflow=false --set data.synthetic_dir=/tmp/synth_debug)
 
-echo "== entry point, debug flavor, nccl"
-timeout 240 torchrun --nproc_per_node 1 flamingo_dist/train.py --deepspeed ds_configs/zero2.json "${common[@]}" \
-  --set tracking.run_dir="$OUT/debug_run" > "$OUT/train_debug.log" 2>&1; echo "exit $?"
-grep -E "^step (1|20)/|done:|Error|error" "$OUT/train_debug.log" | head -5
+# step NAME CAP_S LOG CMD...: runs CMD with a timeout of min(CAP_S, what is left of the budget),
+# output to $OUT/LOG; skipped when less than 30 s are left
+step() {
+  local name=$1 cap=$2 log=$3; shift 3
+  local left=$((BUDGET_S - SECONDS))
+  if [ "$left" -lt 30 ]; then echo "== $name: skipped, ${left}s of the budget left"; return; fi
+  [ "$cap" -gt "$left" ] && cap=$left
+  echo "== $name (at ${SECONDS}s, limit ${cap}s)"
+  timeout "$cap" "$@" > "$OUT/$log" 2>&1
+  echo "exit $?"
+  pack
+}
+big=(--set flavor=3b --set tracking.mlflow=false --set data.synthetic_dir=/tmp/synth_3b --set data.synthetic_num_docs=128
+     --set train.micro_batch_size=8 --set train.activation_checkpointing=false --set data.num_workers=4)
+summary() { grep -hE "tokens_per_s|mfu|step_time|memory|images_per_s" "$OUT/$1" | head -8; }
 
-for prec in bf16 fp32; do
-  echo "== benchmark debug $prec"
-  timeout 200 torchrun --nproc_per_node 1 tools/benchmark.py --deepspeed ds_configs/zero2.json "${common[@]}" \
-    --set train.precision=$prec --warmup 5 --steps 20 --out "$OUT/bench_debug_$prec.json" > "$OUT/bench_debug_$prec.log" 2>&1
-  echo "exit $?"; grep -E "tokens_per_s|mfu|step_time|memory" "$OUT/bench_debug_$prec.log"
+step "GPU parity tests" 150 pytest_gpu.log python3 -m pytest -q -p no:cacheprovider \
+  "tests/test_packing.py::test_flex_attention_gives_the_masked_gradients_on_gpu" \
+  "tests/test_model.py::test_compiled_units_give_the_same_loss_and_gradients[cuda-False]" \
+  "tests/test_model.py::test_compiled_units_give_the_same_loss_and_gradients[cuda-True]"
+tail -3 "$OUT/pytest_gpu.log"
+
+step "3b bf16" 150 bench_3b_bf16.log torchrun --nproc_per_node 1 tools/benchmark.py --deepspeed ds_configs/zero2.json \
+  "${big[@]}" --warmup 3 --steps 10 --out "$OUT/bench_3b_bf16.json"
+summary bench_3b_bf16.log
+
+step "ours against OpenFlamingo, bf16, GPU" 150 bench_openflamingo.log python3 tools/bench_openflamingo.py --device cuda \
+  --openflamingo .bench/openflamingo --work /tmp/of_work --precision bf16 --pairs 2 --warmup 3 --steps 10 \
+  --out "$OUT/bench_openflamingo.json"
+grep -E "samples/s|ratio" "$OUT/bench_openflamingo.log"
+
+for variant in "train.compile=true" "model.packed_attention=flex"; do
+  name=${variant//[.=]/_}
+  step "3b bf16 with $variant" 150 "bench_3b_$name.log" torchrun --nproc_per_node 1 tools/benchmark.py \
+    --deepspeed ds_configs/zero2.json "${big[@]}" --set "$variant" --warmup 5 --steps 10 --out "$OUT/bench_3b_$name.json"
+  summary "bench_3b_$name.log"
 done
 
-if [ "${SKIP_BIG:-0}" != 1 ]; then
-  echo "== benchmark 3b bf16 (random weights)"
-  timeout 300 torchrun --nproc_per_node 1 tools/benchmark.py --deepspeed ds_configs/zero2.json \
-    --set flavor=3b --set tracking.mlflow=false --set data.synthetic_dir=/tmp/synth_3b --set data.synthetic_num_docs=128 \
-    --set train.micro_batch_size=8 --set train.activation_checkpointing=false --set data.num_workers=4 \
-    --warmup 3 --steps 10 --out "$OUT/bench_3b_bf16.json" > "$OUT/bench_3b_bf16.log" 2>&1
-  echo "exit $?"; tail -20 "$OUT/bench_3b_bf16.log"
-fi
+step "packed-document attention, forward + backward" 60 bench_packed_attention.log python3 tools/bench_packed_attention.py \
+  --device cuda --backward --dtype bf16 --out "$OUT/bench_packed_attention.json"
+grep -E "median_ms|speedup|max_abs" "$OUT/bench_packed_attention.log"
 
-echo "== GPU parity: FlexAttention's compiled kernel (loss, gradients) against the masked path; compiled units"
-timeout 300 python3 -m pytest -q -p no:cacheprovider "tests/test_packing.py::test_flex_attention_gives_the_masked_gradients_on_gpu" \
-  "tests/test_packing.py::test_flex_attention_gives_the_masked_logits" > "$OUT/pytest_gpu.log" 2>&1
-echo "exit $?"; tail -3 "$OUT/pytest_gpu.log"
+common=(--set tracking.mlflow=false --set data.synthetic_dir=/tmp/synth_debug)
+step "entry point, debug flavor, nccl" 90 train_debug.log torchrun --nproc_per_node 1 flamingo_dist/train.py \
+  --deepspeed ds_configs/zero2.json "${common[@]}" --set tracking.run_dir="$OUT/debug_run"
+grep -E "^step (1|20)/|done:|Error|error" "$OUT/train_debug.log" | head -5
 
-echo "== packed-document attention, forward + backward: SDPA with the mask against FlexAttention's kernel"
-timeout 120 python3 tools/bench_packed_attention.py --device cuda --backward --dtype bf16 \
-  --out "$OUT/bench_packed_attention.json" > "$OUT/bench_packed_attention.log" 2>&1
-echo "exit $?"; grep -E "median_ms|speedup|max_abs" "$OUT/bench_packed_attention.log"
+step "benchmark debug bf16" 60 bench_debug_bf16.log torchrun --nproc_per_node 1 tools/benchmark.py \
+  --deepspeed ds_configs/zero2.json "${common[@]}" --set train.precision=bf16 --warmup 5 --steps 20 \
+  --out "$OUT/bench_debug_bf16.json"
+summary bench_debug_bf16.log
 
-if [ "${SKIP_BIG:-0}" != 1 ]; then
-  for variant in "model.packed_attention=flex" "train.compile=true"; do
-    name=${variant//[.=]/_}
-    echo "== benchmark 3b bf16 with $variant"
-    timeout 300 torchrun --nproc_per_node 1 tools/benchmark.py --deepspeed ds_configs/zero2.json \
-      --set flavor=3b --set tracking.mlflow=false --set data.synthetic_dir=/tmp/synth_3b --set data.synthetic_num_docs=128 \
-      --set train.micro_batch_size=8 --set train.activation_checkpointing=false --set data.num_workers=4 --set "$variant" \
-      --warmup 5 --steps 10 --out "$OUT/bench_3b_bf16_$name.json" > "$OUT/bench_3b_bf16_$name.log" 2>&1
-    echo "exit $?"; grep -E "tokens_per_s|mfu|step_time|memory" "$OUT/bench_3b_bf16_$name.log"
-  done
-fi
-
-echo "== data loading per worker process (this machine's CPU)"
-timeout 120 python3 tools/bench_data.py --num 256 --out "$OUT/bench_data.json" > "$OUT/bench_data.log" 2>&1
-echo "exit $?"; grep -E "images_per_s|samples_per_s" "$OUT/bench_data.log"
+step "data loading per worker process (this machine's CPU)" 60 bench_data.log python3 tools/bench_data.py --num 256 \
+  --out "$OUT/bench_data.json"
+grep -E "images_per_s|samples_per_s" "$OUT/bench_data.log"
+pack
+echo "== done at ${SECONDS}s; logs and JSON in $FINAL/gpu_results.tgz"
