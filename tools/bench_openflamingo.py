@@ -359,6 +359,8 @@ def main(argv=None) -> int:
         args.stack = args.worker
         print(json.dumps(worker(args)))
         return 0
+    if args.out:  # made now, not found missing after the whole run
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     prepare(args.work)
     runs = []
     for precision in args.precision:
