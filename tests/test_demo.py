@@ -71,6 +71,27 @@ def test_a_half_built_directory_is_not_taken_for_backbones(tmp_path):
         ensure_backbones(str(tmp_path / "bb"), cfg.model.lm, cfg.model.vision.model_name, 32)
 
 
+def test_builds_left_by_ended_processes_are_removed_and_others_kept(tmp_path):
+    """A build killed mid-way leaves `<root>.building-<host>-<pid>`; the next build removes those of
+    this host whose process has ended, and keeps running ones and other hosts' (shared storage)."""
+    import socket
+
+    from flamingo_dist.demo.backbones import remove_abandoned_builds
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    root = str(tmp_path / "bb")
+    host = socket.gethostname()
+    dead = tmp_path / f"bb.building-{host}-{ended.pid}"
+    alive = tmp_path / f"bb.building-{host}-{os.getppid()}"  # the process that started pytest
+    other_host = tmp_path / f"bb.building-{host}x-{ended.pid}"
+    for d in (dead, alive, other_host):
+        (d / "lm").mkdir(parents=True)
+    assert remove_abandoned_builds(root) == [str(dead)]
+    assert not dead.exists() and alive.exists() and other_host.exists()
+    assert remove_abandoned_builds(root) == []
+
+
 def test_lm_documents_mark_the_attributes_a_description_determines(synthetic_corpus):
     from transformers import AutoTokenizer
 

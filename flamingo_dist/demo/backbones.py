@@ -23,11 +23,13 @@ for another LM shape or vision tower is refused, not reused) and what the pretra
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import random
 import shutil
+import socket
 import time
 
 import torch
@@ -113,8 +115,38 @@ def use_backbones(model) -> list[str]:
     return [f"model: the synthetic backbones in {root} (LM {model.lm.path}, ViT {model.vision.pretrained})"]
 
 
+def _building_prefix(root: str) -> str:
+    """Builds go to `<root>.building-<host>-<pid>` and are renamed to root when complete; the host
+    in the name lets a shared filesystem hold several nodes' builds."""
+    return f"{root.rstrip(os.sep)}.building-{socket.gethostname()}-"
+
+
+def remove_abandoned_builds(root: str) -> list[str]:
+    """Remove the unfinished builds of this host's processes that no longer run (a build killed
+    mid-way, e.g. by a time limit or Ctrl-C, leaves its folder behind); other hosts' builds and
+    running ones stay. Returns the folders removed."""
+    prefix, removed = _building_prefix(root), []
+    for path in glob.glob(glob.escape(prefix) + "*"):
+        pid = path[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (or not ours to signal): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.info(f"removed {len(removed)} unfinished backbone build(s) of ended processes: {removed}")
+    return removed
+
+
 def build_backbones(root: str, lm: LMConfig, vision_model: str, image_size: int, seed: int = 0) -> dict:
-    tmp = f"{root.rstrip(os.sep)}.building-{os.getpid()}"
+    remove_abandoned_builds(root)
+    tmp = f"{_building_prefix(root)}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     t0 = time.time()
