@@ -12,6 +12,7 @@ validated before any heavy import, so a bad value fails in a second.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -128,4 +129,9 @@ class TrainTask:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # The process ends here, with every file written and closed by main (metrics per line,
+    # checkpoints committed, the tracker closed): spare the interpreter's collections at shutdown
+    # over the ~670k objects that torch, DeepSpeed and transformers leave (about 2 s per rank).
+    gc.freeze()
+    sys.exit(exit_code)
