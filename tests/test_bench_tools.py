@@ -19,7 +19,7 @@ def _tool(name: str):
 def test_the_profile_breakdown_puts_matrix_products_and_attention_apart():
     """bench_openflamingo --profile on a real profile: a step of one large matrix product and one
     SDPA call (forward and backward) with a little elementwise work; the three parts add up to
-    the operator total, the matrix product lands in `matmul`, SDPA and its backward in
+    all the operators' time, the matrix product lands in `matmul`, SDPA and its backward in
     `attention`."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -37,8 +37,8 @@ def test_the_profile_breakdown_puts_matrix_products_and_attention_apart():
         step()
     events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
     parts = bench.op_time_breakdown(events, steps=2)
-    assert parts["total"] == pytest.approx(sum(us for _, us in events) / 1e3 / 2)
-    assert parts["matmul"] + parts["attention"] + parts["other"] == pytest.approx(parts["total"])
+    # every operator is counted once, in one of the three parts
+    assert parts["matmul"] + parts["attention"] + parts["other"] == pytest.approx(sum(us for _, us in events) / 1e3 / 2)
     mm_us = sum(us for name, us in events if name == "aten::mm")
     sdpa_us = sum(us for name, us in events if "scaled_dot_product" in name)
     assert mm_us > 0 and sdpa_us > 0

@@ -40,7 +40,7 @@ step() {
 }
 big=(--set flavor=3b --set tracking.mlflow=false --set data.synthetic_dir=/tmp/synth_3b --set data.synthetic_num_docs=128
      --set train.micro_batch_size=8 --set train.activation_checkpointing=false --set data.num_workers=4)
-summary() { grep -hE "tokens_per_s|mfu|step_time|memory|images_per_s" "$OUT/$1" | head -8; }
+summary() { grep -hsE "tokens_per_s|mfu|step_time|memory|images_per_s" "$OUT/$1" | head -8; }  # -s: a skipped step has no log
 
 step "GPU parity tests" 150 pytest_gpu.log python3 -m pytest -q -p no:cacheprovider \
   "tests/test_packing.py::test_flex_attention_gives_the_masked_gradients_on_gpu" \
@@ -55,7 +55,7 @@ summary bench_3b_bf16.log
 step "ours against OpenFlamingo, bf16, GPU" 150 bench_openflamingo.log python3 tools/bench_openflamingo.py --device cuda \
   --openflamingo .bench/openflamingo --work /tmp/of_work --precision bf16 --pairs 2 --warmup 3 --steps 10 \
   --out "$OUT/bench_openflamingo.json"
-grep -E "samples/s|ratio" "$OUT/bench_openflamingo.log"
+grep -sE "samples/s|ratio" "$OUT/bench_openflamingo.log"
 
 for variant in "train.compile=true" "model.packed_attention=flex"; do
   name=${variant//[.=]/_}
@@ -66,12 +66,12 @@ done
 
 step "packed-document attention, forward + backward" 60 bench_packed_attention.log python3 tools/bench_packed_attention.py \
   --device cuda --backward --dtype bf16 --out "$OUT/bench_packed_attention.json"
-grep -E "median_ms|speedup|max_abs" "$OUT/bench_packed_attention.log"
+grep -sE "median_ms|speedup|max_abs" "$OUT/bench_packed_attention.log"
 
 common=(--set tracking.mlflow=false --set data.synthetic_dir=/tmp/synth_debug)
 step "entry point, debug flavor, nccl" 90 train_debug.log torchrun --nproc_per_node 1 flamingo_dist/train.py \
   --deepspeed ds_configs/zero2.json "${common[@]}" --set tracking.run_dir="$OUT/debug_run"
-grep -E "^step (1|20)/|done:|Error|error" "$OUT/train_debug.log" | head -5
+grep -sE "^step (1|20)/|done:|Error|error" "$OUT/train_debug.log" | head -5
 
 step "benchmark debug bf16" 60 bench_debug_bf16.log torchrun --nproc_per_node 1 tools/benchmark.py \
   --deepspeed ds_configs/zero2.json "${common[@]}" --set train.precision=bf16 --warmup 5 --steps 20 \
@@ -80,6 +80,6 @@ summary bench_debug_bf16.log
 
 step "data loading per worker process (this machine's CPU)" 60 bench_data.log python3 tools/bench_data.py --num 256 \
   --out "$OUT/bench_data.json"
-grep -E "images_per_s|samples_per_s" "$OUT/bench_data.log"
+grep -sE "images_per_s|samples_per_s" "$OUT/bench_data.log"
 pack
 echo "== done at ${SECONDS}s; logs and JSON in $FINAL/gpu_results.tgz"
