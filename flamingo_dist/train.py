@@ -70,7 +70,10 @@ def main(argv=None) -> int:
     from flamingo_dist.distributed import slurm
 
     setup_logging()
-    stop_flag = slurm.StopFlag().install()  # first: from here on a stop signal only sets the flag
+    # first: a stop signal now ends the process with one line, and once training runs (the flag is
+    # armed) it is a stop-and-save; ranks whose launcher died stop the same way
+    stop_flag = slurm.StopFlag().install()
+    slurm.watch_launcher(stop_flag)
     args = parse_args(argv)
     if slurm.started_by_srun() and args.local_rank is None:  # one srun task per rank (not torchrun's)
         slurm.export_torch_env()

@@ -53,7 +53,8 @@ def synthetic_backbones():
 # train for a minute: `make test-fast` leaves them out (-m "not multiprocess"); `make test` runs all.
 MULTIPROCESS_MODULES = {"test_launch", "test_slurm_cluster", "test_checkpoint", "test_export_tool", "test_learning",
                         "test_trainer", "test_eval_fewshot", "test_mixture", "test_train_on_shards", "test_demo",
-                        "test_tp", "test_generate", "test_import_idefics", "test_hf_llama"}
+                        "test_tp", "test_generate", "test_import_idefics", "test_hf_llama", "test_zero_step",
+                        "test_zero3", "test_plan", "test_faults"}
 
 
 def pytest_collection_modifyitems(config, items):

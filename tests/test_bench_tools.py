@@ -65,3 +65,22 @@ def test_the_ceiling_is_openflamingos_step_over_our_matrix_products():
     assert summary["ceiling_ours-compiled_over_openflamingo"] == pytest.approx(1500 / 650)
     assert summary["ratio_ours-compiled_over_openflamingo"] == pytest.approx((4 / 0.9) / (4 / 1.5))
     assert summary["ratio_ours_over_openflamingo"] == pytest.approx((4 / 1.1) / (4 / 1.5))
+
+
+@pytest.mark.parametrize("shape", ["small", "3b"])
+def test_each_comparison_shape_gives_both_stacks_the_same_text_and_images(shape):
+    """bench_openflamingo --shape: every row holds IMAGES images at IMAGE_AT in both stacks' layouts
+    (ours: <fake><image><fake>, OpenFlamingo: <image> and <|endofchunk|> before the next one), and
+    our batch, through the loader's collate, encodes exactly those slots."""
+    bench = _tool("bench_openflamingo")
+    bench.use_shape(shape)
+    V = bench.LM["vocab_size"]
+    per_row = [bench.IMAGES] * bench.BATCH
+    ours, theirs = bench.token_ids(V + 1, V, None, per_row), bench.token_ids(V + 1, None, V + 2, per_row)
+    assert ours.shape == (bench.BATCH, bench.SEQ) and max(bench.IMAGE_AT) < bench.SEQ - 1
+    assert ((ours == V + 1).sum(1) == bench.IMAGES).all() and ((theirs == V + 1).sum(1) == bench.IMAGES).all()
+    assert ((theirs == V + 2).sum(1) == bench.IMAGES).all()  # each image's text ends with <|endofchunk|>
+    batch = bench.harness_batch(per_row)
+    assert batch["media_slots"].tolist() == list(range(bench.BATCH * bench.IMAGES))
+    assert batch["_host"]["images"] == bench.BATCH * bench.IMAGES and "document_ids" not in batch
+    assert batch["pixel_values"].shape == (bench.BATCH, bench.IMAGES, 3, bench.IMAGE_SIZE, bench.IMAGE_SIZE)

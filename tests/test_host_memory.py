@@ -56,7 +56,7 @@ def test_freed_memory_is_kept_only_when_training_on_the_cpu(monkeypatch, cuda):
     monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(engine, "keep_freed_host_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(engine, "apply_freeze", lambda model: None)
-    monkeypatch.setattr(engine, "apply_deepspeed", lambda model, cfg, ds_config, mpu: "engine")
+    monkeypatch.setattr(engine, "apply_deepspeed", lambda model, cfg, ds_config, mpu, device: "engine")
     model = torch.nn.Linear(2, 2)  # on the CPU in both cases, as the real model is here
-    assert engine.parallelize(model, JobConfig(), {}, None) == "engine"
+    assert engine.parallelize(model, JobConfig(), {}, None, torch.device("cpu")) == "engine"
     assert calls == ([] if cuda else [1])

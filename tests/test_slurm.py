@@ -14,15 +14,15 @@ def _stop_case(layout, corpus, run_dir):
 
     trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=6", "checkpoint.keep_last=0")
     trainer.stop_flag = StopFlag().install()
-    step = trainer.train_step
+    forward = trainer._forward
 
-    def step_then_signal():  # only rank 1 is signalled, during step 2
-        metrics = step()
-        if trainer.state.step == 2 and layout.rank == 1:
+    def forward_then_signal(batch):  # only rank 1 is signalled, in step 2's forward (before its one read)
+        out = forward(batch)
+        if trainer.state.step + 1 == 2 and layout.rank == 1:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return metrics
+        return out
 
-    trainer.train_step = step_then_signal
+    trainer._forward = forward_then_signal
     state = trainer.train()
     committed = [os.path.basename(p) for p in checkpoint.committed(os.path.join(run_dir, "checkpoints"))]
     return trainer.stopped, state.step, committed

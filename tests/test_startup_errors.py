@@ -83,3 +83,22 @@ def test_flex_attention_without_a_gpu_is_refused_at_start_up():
     assert code == 2 and len(err) == 1 and err[0].startswith("error: model.packed_attention: flex"), err
     code, err, _, _ = run_entry("--set", "model.packed_attention=flash")
     assert code == 2 and "model.packed_attention: 'flash' is not mask or flex" in err[0], err
+
+
+def test_another_deepspeed_is_refused_in_one_line_unless_the_fused_step_is_off(monkeypatch):
+    """training/zero_step.py overrides private methods of DeepSpeed 0.19.8's ZeRO optimizers: any
+    other version is one start-up line naming both ways out; train.fused_zero_step=false lifts it."""
+    import importlib.metadata
+
+    from flamingo_dist.config.deepspeed import deepspeed_version_problem
+    from flamingo_dist.config.load import load_config
+    from flamingo_dist.training.inputs import input_problems
+
+    assert deepspeed_version_problem("0.19.8") is None and deepspeed_version_problem("0.19.8+cu130") is None
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.20.1" if name == "deepspeed" else real(name))
+    ds = os.path.join(REPO, "ds_configs", "zero2.json")
+    problems = input_problems(load_config(None, []), ds)
+    assert len(problems) == 1 and "DeepSpeed 0.20.1 is installed" in problems[0]
+    assert "pip install deepspeed==0.19.8" in problems[0] and "train.fused_zero_step=false" in problems[0]
+    assert input_problems(load_config(None, ["train.fused_zero_step=false"]), ds) == []

@@ -79,3 +79,20 @@ def test_the_chunked_loss_equals_the_whole_loss_at_tp1_and_tp2(tmp_path):
         assert grads.keys() == ref_grads.keys()
         for name in grads:
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _warnings_of_a_second_step(layout):
+    import warnings
+
+    _forward_backward(layout)  # megatron's one-time notes come with the first call
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _forward_backward(layout)
+    return [str(w.message)[:80] for w in seen]
+
+
+def test_a_tp2_step_warns_nothing(tmp_path):
+    """megatron 0.16.1's RowParallelLinear passes tp_group=None to its matmul, which warns on rank
+    0 in every call; our row layer passes the group (no warning, no warnings.warn in the step)."""
+    for seen in run_distributed(_warnings_of_a_second_step, 2, 2, tmp_path / "tp2"):
+        assert seen == []

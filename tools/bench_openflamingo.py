@@ -55,13 +55,37 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-VISION = "flamingo-bench-vit"
-LM = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-          max_position_embeddings=512)
-BATCH, SEQ, IMAGES, IMAGE_SIZE = 4, 256, 3, 224
-IMAGE_AT = (5, 90, 170)  # where each image's <image> token sits; its text runs to the next one
-INTERVAL, LATENTS, DEPTH, HEADS, HEAD_DIM = 2, 64, 6, 8, 64
+# The shapes both stacks train (--shape). IMAGE_AT: where each image's <image> token sits; its
+# text runs to the next one. LM_DTYPE: how the shared LM is saved (OpenFlamingo loads it so).
+SHAPES = {
+    "small": dict(VISION="flamingo-bench-vit",
+                  LM=dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                          num_attention_heads=8, max_position_embeddings=512),
+                  BATCH=4, SEQ=256, IMAGES=3, IMAGE_SIZE=224, IMAGE_AT=(5, 90, 170), INTERVAL=2, LM_DTYPE="float32"),
+    # the 3b flavor's model: ViT-L-14 at 224 px, a 24-layer 2048-wide LLaMA, cross-attention before
+    # every layer; the batch of the GPU measurements of issue 18 (8 x 256 tokens, 5 images)
+    "3b": dict(VISION="ViT-L-14",
+               LM=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                       num_attention_heads=16, max_position_embeddings=512),
+               BATCH=8, SEQ=256, IMAGES=5, IMAGE_SIZE=224, IMAGE_AT=(5, 55, 105, 155, 205), INTERVAL=1,
+               LM_DTYPE="bfloat16"),
+}
+SHAPE = "small"
+VISION, LM, BATCH, SEQ, IMAGES, IMAGE_SIZE, IMAGE_AT, INTERVAL, LM_DTYPE = (SHAPES[SHAPE][k] for k in (
+    "VISION", "LM", "BATCH", "SEQ", "IMAGES", "IMAGE_SIZE", "IMAGE_AT", "INTERVAL", "LM_DTYPE"))
+LATENTS, DEPTH, HEADS, HEAD_DIM = 64, 6, 8, 64  # OpenFlamingo's resampler (its fixed heads and head width)
 LR = 1e-4
+
+
+def use_shape(name: str) -> None:
+    """Make `name` the shape every function here builds."""
+    global SHAPE
+    SHAPE = name
+    globals().update(SHAPES[name])
+
+
+def default_work(shape: str) -> str:
+    return os.path.join(REPO, ".bench", "work" if shape == "small" else f"work-{shape}")
 # our variants: config overrides of each (ours-encode-all is a model switch, set in `ours`)
 OURS = {"ours": [], "ours-encode-all": [], "ours-unmap-freed": ["train.cpu_keep_freed_memory=false"],
         "ours-compiled": ["train.compile=true"]}
@@ -74,7 +98,8 @@ ATTENTION_MARKS = ("scaled_dot_product", "softmax", "flex_attention")
 
 
 def prepare(work: str) -> None:
-    """The shared frozen weights: a random LLaMA (+ word tokenizer) and a random ViT, once."""
+    """The shared frozen weights: a random LLaMA (+ word tokenizer) and a random ViT, once (drawn
+    on the GPU when there is one: the 3b shape's 1.6B parameters take minutes on a CPU)."""
     import torch
 
     if os.path.isfile(os.path.join(work, "DONE")):
@@ -88,10 +113,14 @@ def prepare(work: str) -> None:
     os.makedirs(work, exist_ok=True)
     tok = build_tokenizer(os.path.join(work, "llama"), LM["vocab_size"])
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**LM, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)).save_pretrained(os.path.join(work, "llama"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        lm = LlamaForCausalLM(LlamaConfig(**LM, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                          pad_token_id=tok.pad_token_id))
+    lm.to(getattr(torch, LM_DTYPE)).save_pretrained(os.path.join(work, "llama"))
+    del lm
     register_model_config(VISION)
-    torch.save(open_clip.create_model(VISION).state_dict(), os.path.join(work, "vit.pt"))
+    torch.save(open_clip.create_model(VISION, device=device).state_dict(), os.path.join(work, "vit.pt"))
     open(os.path.join(work, "DONE"), "w").close()
 
 
@@ -126,20 +155,49 @@ def pixels_uint8(per_row: list[int]):
     return px
 
 
-def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False, sets: tuple[str, ...] = ()):
-    """(step function, flop-counted forward+backward, trainable parameters) of our stack."""
+class OneBatchFeed:
+    """A data feed that hands our trainer the same micro-batch every time (Trainer.build(feed=))."""
+
+    def __init__(self, batch: dict, micro_batch_size: int):
+        from flamingo_dist.data.pipeline import Source
+
+        self.sources = [Source("main", "obelics", [], 1.0, micro_batch_size)]
+        self.batch, self.error = batch, None
+
+    def step_batches(self, accum: int) -> list:
+        return [(self.sources[0], self.batch) for _ in range(accum)]
+
+    def counters(self) -> dict:
+        return {}
+
+
+def harness_batch(per_row: list[int]) -> dict:
+    """The batch in our layout, through the loader's collate (media slots, host numbers)."""
     import torch
 
-    from flamingo_dist.config.deepspeed import resolve_ds_config
-    from flamingo_dist.config.load import load_config
     from flamingo_dist.data.layout import image_attention_mask, labels_for
-    from flamingo_dist.data.processing import normalize_pixels
-    from flamingo_dist.distributed.groups import MegatronMPU, init_distributed, tp_group
-    from flamingo_dist.training.build import build_model, resolve_model_config
-    from flamingo_dist.training.engine import parallelize
+    from flamingo_dist.data.processing import collate
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("BENCH_PORT", "29741"))
+    V = LM["vocab_size"]
+    ids = token_ids(V + 1, V, None, per_row)
+    mask = image_attention_mask(ids, V + 1, 2, IMAGES)
+    labels = labels_for(ids, torch.ones_like(ids), V + 1, V)
+    px = pixels_uint8(per_row)
+    rows = [{"input_ids": ids[r], "labels": labels[r], "attention_mask": torch.ones_like(ids[r]), "pixel_values": px[r],
+             "image_attention_mask": mask[r], "position_ids": torch.arange(SEQ), "num_images": torch.tensor(n),
+             "num_documents": torch.tensor(1)} for r, n in enumerate(per_row)]
+    return collate(rows)
+
+
+def ours_trainer(work: str, precision: str, per_row: list[int], sets=(), stage: int = 2):
+    """Our trainer on this shape, fed the one harness batch: its train_step is our whole step."""
+    from flamingo_dist.config.load import load_config
+    from flamingo_dist.distributed.groups import init_distributed
+    from flamingo_dist.training.trainer import Trainer
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", os.environ.get("BENCH_PORT", "29741"))):
+        os.environ.setdefault(key, value)
     layout = init_distributed(1)  # the GPU when the worker sees one (run_one hides it for --device cpu)
     cfg = load_config(None, [
         "model.synthetic_backbones=null", f"model.lm.path={work}/llama", f"model.vision.model_name={VISION}",
@@ -148,33 +206,33 @@ def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False
         f"model.resampler.head_dim={HEAD_DIM}", f"model.xattn.cross_layer_interval={INTERVAL}",
         f"data.seq_len={SEQ}", f"data.max_images={IMAGES}", f"data.image_size={IMAGE_SIZE}",
         f"train.micro_batch_size={BATCH}", f"train.precision={precision}", f"train.lr={LR}", "train.warmup_steps=0",
-        f"data.tokenizer={work}/llama", *sets])
-    resolve_model_config(cfg.model)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = build_model(cfg.model, tp_group(), cfg.train.seed, dtype)
-    model.skip_padding_media = not encode_all
-    engine = parallelize(model, cfg, resolve_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"), cfg, 1),
-                         MegatronMPU())
-    V = cfg.model.lm.vocab_size
-    ids = token_ids(V + 1, V, None, per_row)
-    mask = image_attention_mask(ids, V + 1, 2, IMAGES)
-    labels = labels_for(ids, torch.ones_like(ids), V + 1, V)
-    ids, mask, labels, px = (t.to(layout.device) for t in (ids, mask, labels, pixels_uint8(per_row)))
+        f"data.tokenizer={work}/llama", "tracking.mlflow=false", f"tracking.run_dir={work}/run",
+        "train.log_every=1000000", *sets])
+    feed = OneBatchFeed(harness_batch(per_row), BATCH)
+    return Trainer(cfg, os.path.join(REPO, "ds_configs", f"zero{stage}.json"), layout).build(track=False, feed=feed)
 
-    def forward_backward():
-        loss, _ = engine(ids, normalize_pixels(px), mask, labels_BT=labels)
-        engine.backward(loss)
+
+def ours(work: str, precision: str, per_row: list[int], encode_all: bool = False, sets: tuple[str, ...] = ()):
+    """(step function, flop-counted forward+backward, trainable parameters) of our stack."""
+    trainer = ours_trainer(work, precision, per_row, sets)
+    trainer.model.skip_padding_media = not encode_all
+
+    def forward_backward():  # for the FLOP count only (the process ends after it)
+        loss, _ = trainer._forward(trainer.feed.batch)
+        trainer.engine.backward(loss)
         return loss
 
     def step():
-        loss = forward_backward()
-        engine.step()
-        return loss.item()
+        return trainer.train_step()["loss"]
 
-    return step, forward_backward, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return step, forward_backward, sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
 
-def openflamingo(work: str, precision: str, of_path: str, per_row: list[int], device: str):
+def openflamingo(work: str, precision: str, of_path: str, per_row: list[int], device: str, phase=None,
+                 foreach: bool | None = None):
+    """(step function, flop-counted forward+backward, trainable parameters) of OpenFlamingo's
+    training step. `phase(name)`: a context around its forward and its backward (operator
+    counts); `foreach`: its AdamW and clipping as multi-tensor kernels (torch's default on a GPU)."""
     import contextlib
 
     import torch
@@ -197,19 +255,21 @@ def openflamingo(work: str, precision: str, of_path: str, per_row: list[int], de
     ids, labels = ids.to(device), labels.to(device)
     attention = torch.ones_like(ids)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.1)
+    opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.1, foreach=foreach)
     autocast = ((lambda: torch.autocast(device, dtype=torch.bfloat16)) if precision == "bf16"
                 else contextlib.nullcontext)
+    phase = phase or (lambda name: contextlib.nullcontext())
 
     def forward_backward():
-        with autocast():
+        with phase("forward"), autocast():
             loss = model(vision_x=vision_x, lang_x=ids, attention_mask=attention, labels=labels)[0]
-        loss.backward()
+        with phase("backward"):
+            loss.backward()
         return loss
 
     def step():
         loss = forward_backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=foreach)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
@@ -273,7 +333,8 @@ def profile_steps(step, steps: int) -> dict:
 
 def run_one(args, stack: str, precision: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, "--one-precision", precision, "--work",
-           args.work, "--openflamingo", args.openflamingo, "--warmup", str(args.warmup), "--steps", str(args.steps),
+           args.work, "--shape", args.shape, "--openflamingo", args.openflamingo, "--warmup", str(args.warmup),
+           "--steps", str(args.steps),
            "--images-per-row", *map(str, args.images_per_row), *(["--profile"] if args.profile else []),
            "--profile-steps", str(args.profile_steps), "--device", args.device]
     env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}))
@@ -321,10 +382,13 @@ def main(argv=None) -> int:
     from flamingo_dist import setup_logging
 
     setup_logging()  # the package's messages (progress, resume, backbones) on rank 0
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    shape = argparse.ArgumentParser(add_help=False)
+    shape.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    use_shape(shape.parse_known_args(argv)[0].shape)  # the batch size shapes the arguments below
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[shape])
     p.add_argument("--openflamingo", default=os.path.join(REPO, ".bench", "openflamingo"),
                    help="folder holding the open_flamingo package")
-    p.add_argument("--work", default=os.path.join(REPO, ".bench", "work"), help="shared weights go here")
+    p.add_argument("--work", help="shared weights go here (default .bench/work, .bench/work-<shape>)")
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -341,6 +405,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)
     p.add_argument("--one-precision", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.work = args.work or default_work(args.shape)
     if args.device is None:
         import torch
 
@@ -389,7 +454,7 @@ def main(argv=None) -> int:
                 print(f"{precision} {key}: x{value:.2f}")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"summary": summary, "runs": runs, "shape": {"lm": LM, "vision": VISION, "batch": BATCH,
+            json.dump({"summary": summary, "runs": runs, "shape": {"name": SHAPE, "lm": LM, "vision": VISION, "batch": BATCH,
                                                                     "seq": SEQ, "images": IMAGES,
                                                                     "images_per_row": args.images_per_row},
                        "device": args.device}, fh, indent=1)

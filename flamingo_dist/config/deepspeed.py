@@ -16,6 +16,19 @@ from typing import Any
 
 from flamingo_dist.config.schema import ConfigError, JobConfig
 
+# training/zero_step.py overrides private methods of this DeepSpeed's ZeRO optimizers
+DEEPSPEED_VERSION = "0.19.8"
+
+
+def deepspeed_version_problem(version: str) -> str | None:
+    """The one line that refuses a DeepSpeed other than the one the fused ZeRO step was written
+    against (train.fused_zero_step)."""
+    if version.split("+")[0] == DEEPSPEED_VERSION:
+        return None
+    return (f"train.fused_zero_step: DeepSpeed {version} is installed, the fused ZeRO step (training/zero_step.py) is "
+            f"written against DeepSpeed {DEEPSPEED_VERSION} only: pip install deepspeed=={DEEPSPEED_VERSION}, or set "
+            "train.fused_zero_step=false (DeepSpeed's own step, slower)")
+
 
 def _get(d: dict, path: str) -> Any:
     for part in path.split("."):

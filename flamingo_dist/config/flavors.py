@@ -51,8 +51,10 @@ def _big(flavor: str, lm: LMConfig, interval: int, vision: str) -> JobConfig:
             resampler=ResamplerConfig(num_latents=64, depth=6, num_heads=16, head_dim=96),
             xattn=XAttnConfig(cross_layer_interval=interval),
         ),
+        # log_every 10: a logged step reads the gates and data counters back from the device, the
+        # others read it once (the step's flags)
         train=TrainConfig(steps=250_000, micro_batch_size=4, lr=1e-4, warmup_steps=5000,
-                          schedule="constant", activation_checkpointing=True),
+                          schedule="constant", activation_checkpointing=True, log_every=10),
         data=DataConfig(seq_len=256, max_images=5, image_size=224, num_workers=4),
     )
 

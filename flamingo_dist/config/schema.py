@@ -204,6 +204,19 @@ class TrainConfig:
     unit on CPU); see docs/benchmarks.md for what it gains. fp32 losses equal eager's; in bf16
     they differ in the third digit (inductor keeps fused intermediates in fp32 where eager rounds
     every op to bf16)."""
+    fused_zero_step: bool = True
+    """Our ZeRO optimizer step (training/zero_step.py): one gradient norm over the whole
+    partition, the skip decided from the step's one read of the device, one fused AdamW call; the
+    same update as DeepSpeed's step (tests/test_zero_step.py) in tens of operators instead of
+    thousands. Written against DeepSpeed 0.19.8, refused with any other; `false`: DeepSpeed's own
+    step (a per-tensor overflow check and norm, host reads of its own). Offload, MoE and loss
+    scaling always use DeepSpeed's."""
+    zero3_partition_frozen: bool = False
+    """ZeRO-3 only: give DeepSpeed the whole model, so the frozen ViT and LM are partitioned across
+    data parallelism too and gathered in every forward and backward (3b on one H200: 4x the step
+    time of leaving them replicated, issue 19). Only for a frozen LM too large for the GPUs of one
+    tensor-parallel group. By default DeepSpeed gets the trainable modules alone, and the frozen
+    weights stay TP-sharded and replicated across data parallelism in bf16."""
     cpu_keep_freed_memory: bool = True
     """Training on CPU: glibc keeps freed memory for reuse instead of unmapping every large block
     (a step reallocates the same gradient buffers: 55-79 thousand pages faulted in per step of
@@ -214,7 +227,13 @@ class TrainConfig:
     max_consecutive_skipped_steps: int = 5
     """Stop the run when this many optimizer steps in a row had a non-finite loss or gradient."""
     log_every: int = 1
-    """Log metrics every this many steps."""
+    """Log metrics every this many steps. A logged step also reads the gate values and the data
+    counters back from the device; the others read it once (the step's decisions and loss)."""
+    stop_grace_s: float = 600.0
+    """After a stop signal (SIGTERM, SIGINT, SIGUSR1/2) or the death of the launcher, the ranks
+    save a committed checkpoint at the end of the step and exit; a rank still alive this many
+    seconds after the request (its peers dead, a collective that never returns) exits anyway
+    (docs/operations.md). 0: no limit."""
 
 
 @dataclass

@@ -84,7 +84,8 @@ class DataFeed:
             ds = SourceDataset(s, processor_for(cfg, tokenizer, s), self.num_streams, dp_rank, dp_size,
                                cfg.train.seed, self.start, self.states[s.name], d.pack, d.max_skip_rate,
                                d.skip_rate_min_samples)
-            self.loaders[s.name] = iter(build_loader(ds, d.num_workers, worker_init_fn))
+            self.loaders[s.name] = iter(build_loader(ds, d.num_workers, worker_init_fn,
+                                                     pin_memory=torch.device(device).type == "cuda"))
         self.drawn = 0  # micro-batches drawn per source by this process
         self.error: Optional[str] = None
 
@@ -129,16 +130,17 @@ class DataFeed:
     def counters(self) -> dict[str, float]:
         """Collective (data-parallel group): each source's cumulative counters over all its
         streams (samples read, documents used, images dropped, samples skipped per reason)."""
-        vec = torch.zeros(len(self.sources), len(COUNTERS), dtype=torch.float64, device=self.device)
+        sums = [[0.0] * len(COUNTERS) for _ in self.sources]
         for i, s in enumerate(self.sources):
             for k, st in self.states[s.name].items():  # .get: a checkpoint older than a counter lacks it
                 if k % self.dp_size == self.dp_rank:
-                    vec[i] += torch.tensor([float(st["counts"].get(c, 0)) for c in COUNTERS], dtype=torch.float64,
-                                           device=self.device)
+                    for j, c in enumerate(COUNTERS):
+                        sums[i][j] += float(st["counts"].get(c, 0))
         if self.dp_size > 1:
+            vec = torch.tensor(sums, dtype=torch.float64, device=self.device)
             dist.all_reduce(vec, group=self.dp_group)
-        return {f"data/{s.name}/{c}": vec[i, j].item() for i, s in enumerate(self.sources)
-                for j, c in enumerate(COUNTERS)}
+            sums = vec.tolist()  # one read
+        return {f"data/{s.name}/{c}": sums[i][j] for i, s in enumerate(self.sources) for j, c in enumerate(COUNTERS)}
 
     # ------------------------------------------------------------------ validation
     def validation_batches(self, source: Source, val_shards: list[str]):

@@ -39,7 +39,7 @@ from typing import Iterator, Optional
 import torch
 
 from flamingo_dist.data.formats import REASONS, BadSample, parse, read_shard
-from flamingo_dist.data.processing import Encoded, Processor
+from flamingo_dist.data.processing import Encoded, Processor, collate
 
 COUNTERS = (("samples", "documents", "images_dropped") + tuple(f"skipped/{r}" for r in REASONS)
             + tuple(f"images_dropped/{r}" for r in REASONS))
@@ -166,7 +166,7 @@ class Stream:
             rows.append(self.proc.sequence(packed))
         # the first document not in this batch is where a resume starts reading again
         state = _copy(self.pending[0]) if self.pending is not None else _copy(self.state)
-        return torch.utils.data.default_collate(rows), state
+        return collate(rows), state
 
 
 def _copy(state: dict) -> dict:
@@ -205,9 +205,10 @@ class SourceDataset(torch.utils.data.IterableDataset):
             j += nworkers
 
 
-def build_loader(dataset: SourceDataset, num_workers: int, worker_init_fn=None):
+def build_loader(dataset: SourceDataset, num_workers: int, worker_init_fn=None, pin_memory: bool = False):
     """`worker_init_fn` runs first in each loader worker (the trainer's makes them ignore SLURM's
-    stop signal, which only the main process handles)."""
+    stop signal, which only the main process handles). `pin_memory` (training on a GPU): batches
+    arrive in page-locked memory, so their copies to the device do not block the host."""
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                        persistent_workers=num_workers > 0, worker_init_fn=worker_init_fn,
-                                       prefetch_factor=2 if num_workers > 0 else None)
+                                       prefetch_factor=2 if num_workers > 0 else None, pin_memory=pin_memory)

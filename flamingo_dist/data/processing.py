@@ -21,7 +21,7 @@ import torch
 
 from flamingo_dist.data.formats import BadSample, Document, Media
 from flamingo_dist.data.layout import (FAKE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, document_text, image_attention_mask,
-                                       labels_for)
+                                       labelled_tokens, labels_for)
 
 # open_clip / OpenAI CLIP normalisation
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -56,14 +56,47 @@ def to_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+_CLIP_TENSORS: dict = {}  # device -> (mean, std) [3, 1, 1]: made once, not copied to the device every step
+
+
 def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 pixels [..., 3, H, W] -> CLIP-normalised floats (rescale, then normalise, as the
     IDEFICS image processor does); float input is returned as it is (already normalised)."""
     if pixels.dtype != torch.uint8:
         return pixels
-    mean = torch.tensor(CLIP_MEAN, device=pixels.device)[:, None, None]
-    std = torch.tensor(CLIP_STD, device=pixels.device)[:, None, None]
+    if pixels.device not in _CLIP_TENSORS:
+        _CLIP_TENSORS[pixels.device] = (torch.tensor(CLIP_MEAN, device=pixels.device)[:, None, None],
+                                        torch.tensor(CLIP_STD, device=pixels.device)[:, None, None])
+    mean, std = _CLIP_TENSORS[pixels.device]
     return ((pixels.float() / 255.0 - mean) / std).to(dtype)
+
+
+# The keys of a micro-batch the training step moves to the device (the rest stays on the host).
+MODEL_KEYS = ("input_ids", "labels", "pixel_values", "image_attention_mask", "position_ids", "document_ids",
+              "media_slots")
+
+
+def collate(rows: list[dict]) -> dict:
+    """Rows -> one micro-batch, with what the training step would otherwise read back from the
+    device, computed here in the loader:
+
+    - `media_slots` [M]: the flat indices (row * max_images + slot) of the media slots some token
+      attends to, at least one (slot 0 of an imageless batch: every rank then calls the vision
+      encoder, which ZeRO-3 needs); the model encodes only these (models/flamingo.py).
+    - `_host`: Python numbers of the batch: `labelled_tokens` (next-token targets), `images`,
+      `documents`.
+    - `document_ids` only when some row holds more than one document: with one document per row
+      per-document attention is plain causal attention (SDPA's `is_causal`, no mask; padding
+      after the document attends to it, but nothing attends to padding and it has no label).
+    """
+    batch = torch.utils.data.default_collate(rows)
+    used = batch["image_attention_mask"].bool().any(dim=1).reshape(-1).nonzero().squeeze(1)
+    batch["media_slots"] = used if len(used) else torch.zeros(1, dtype=torch.long)
+    if "document_ids" in batch and int(batch["num_documents"].max()) <= 1:
+        del batch["document_ids"]
+    batch["_host"] = {"labelled_tokens": labelled_tokens(batch["labels"]), "images": int(batch["num_images"].sum()),
+                      "documents": int(batch["num_documents"].sum())}
+    return batch
 
 
 def image_transform(image_size: int):

@@ -15,6 +15,9 @@ in `<run_dir>/slurm_requeues.json`); preemptions requeue without limit. The requ
 with `--resume auto` into the same run directory and MLflow run. A task that fails for a real
 error just exits non-zero: the job fails and is never requeued by us. DataLoader workers ignore
 the signal (`ignore_stop_signals`).
+
+The same stop-and-save answers every stop signal (SIGUSR1/2, SIGTERM, SIGINT) under every launcher,
+and a launcher that died (`watch_launcher`): see docs/operations.md.
 """
 
 from __future__ import annotations
@@ -25,10 +28,17 @@ import os
 import re
 import signal
 import subprocess
+import sys
+import threading
+import time
 
 log = logging.getLogger(__name__)
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # whichever the launcher asked SLURM to send
+# SLURM's advance warning (whichever the launcher asked for), the launchers' and the operator's
+# terminate (deepspeed's launch and torchrun forward SIGTERM/SIGINT to the ranks; SLURM sends
+# SIGTERM at the end), and Ctrl-C: each is a stop-and-save.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 EXIT_REQUEUED = 3  # a task's exit status after a stop that requeued the job (the job restarts anyway)
+EXIT_STOPPED = 4  # stopped by a signal (or a dead launcher) after a committed checkpoint: resume with --resume auto
 
 
 def started_by_srun() -> bool:
@@ -70,22 +80,123 @@ def export_torch_env() -> dict[str, str]:
 
 
 class StopFlag:
-    """Records that a stop signal arrived; nothing else happens in the handler."""
+    """Records that a stop signal arrived; nothing else happens in the handler once training runs
+    (`arm`): the trainer's per-step read carries the flag to every rank, they save one committed
+    checkpoint together and exit. A second signal changes nothing (the save in progress finishes
+    and commits). Before `arm` nothing has been trained that a checkpoint would keep, so a signal
+    ends the process at once with one line. After the first stop request a timer ends the process
+    if it is still alive `grace_s` later (peers dead, a collective that never returns): what was
+    committed before stays the resume point."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float = 900.0) -> None:
         self.signum: int | None = None
+        self.reason: str | None = None
+        self.armed = False
+        self.grace_s = grace_s
+        self._timer: threading.Timer | None = None
 
     def install(self) -> "StopFlag":
         for s in STOP_SIGNALS:
             signal.signal(s, self._handler)
         return self
 
+    def arm(self, grace_s: float | None = None) -> None:
+        """From now on a stop request is a stop-and-save (the training loop reads the flag)."""
+        if grace_s is not None:
+            self.grace_s = grace_s
+        self.armed = True
+        if self.raised:
+            self._start_grace()
+
     def _handler(self, signum, frame) -> None:
-        self.signum = signum
+        self.request(signal.Signals(signum).name, signum)
+
+    def request(self, reason: str, signum: int = signal.SIGTERM) -> None:
+        """A stop: from a signal handler or from the launcher watch (any thread)."""
+        if self.raised:
+            return  # the first request is being served: a second one must not cut the save short
+        if not self.armed:
+            print(f"stopped by {reason} before training started: nothing to save", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum, self.reason = signum, reason
+        log.warning(f"stop requested ({reason}): saving a checkpoint at the end of this step, then exiting")
+        self._start_grace()
+
+    def _start_grace(self) -> None:
+        if self._timer is None and self.grace_s > 0:
+            self._timer = threading.Timer(self.grace_s, self._grace_over)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _grace_over(self) -> None:
+        print(f"error: stop requested ({self.reason}) {self.grace_s:.0f}s ago and this rank has not finished "
+              "(train.stop_grace_s): exiting; the last committed checkpoint is the resume point",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_STOPPED)
 
     @property
     def raised(self) -> bool:
         return self.signum is not None
+
+
+def launcher_processes(pid: int | None = None) -> list[tuple[int, float]]:
+    """The processes whose death orphans this rank, as (pid, start time) so a reused pid is not
+    mistaken for them: under `deepspeed`, the rank's parent (DeepSpeed's `launch`) and its parent
+    (the `deepspeed` runner, which exits on SIGTERM without waiting for its ranks); under torchrun,
+    the parent (its agent). None under srun (SLURM reaps its tasks) or for a plain process."""
+    import psutil
+
+    me = psutil.Process(pid)
+    parent = me.parent()
+    if parent is None or os.environ.get("SLURM_STEP_ID") is not None and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return []
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return [(parent.pid, parent.create_time())]
+    try:
+        cmd = " ".join(parent.cmdline())
+    except psutil.Error:
+        return []
+    if "deepspeed.launcher.launch" not in cmd:
+        return []
+    out = [(parent.pid, parent.create_time())]
+    runner = parent.parent()
+    try:
+        if runner is not None and runner.pid != 1 and "deepspeed" in " ".join(runner.cmdline()):
+            out.append((runner.pid, runner.create_time()))
+    except psutil.Error:
+        pass
+    return out
+
+
+def alive(pid: int, start_time: float) -> bool:
+    """Is the process `pid` that started at `start_time` still there (not a reuse of its pid)?"""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() - start_time) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def watch_launcher(flag: StopFlag, poll_s: float = 1.0) -> threading.Thread | None:
+    """A daemon thread that requests a stop when a launcher process of this rank has died
+    (`launcher_processes`): the ranks save and exit instead of training on as orphans."""
+    watched = launcher_processes()
+    if not watched:
+        return None
+
+    def watch():
+        while not flag.raised:
+            for pid, start in watched:
+                if not alive(pid, start):
+                    flag.request(f"launcher process {pid} gone")
+                    return
+            time.sleep(poll_s)
+
+    t = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    t.start()
+    return t
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
@@ -140,8 +251,8 @@ def finish_stop(run_dir: str, rank: int, signal_lead_s: float, max_timeout_reque
     job_id = os.environ.get("SLURM_JOB_ID")
     if job_id is None:
         log.info("stopped by signal after a committed checkpoint; resume with --resume auto")
-        return 0
-    box: list = [0]
+        return EXIT_STOPPED
+    box: list = [EXIT_STOPPED]
     if rank == 0:
         try:
             requeue, why = decide_requeue(run_dir, signal_lead_s + 60, max_timeout_requeues, _time_left_s(job_id))

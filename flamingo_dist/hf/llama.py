@@ -2,14 +2,15 @@
 
 Each rank reads only its slice of every tensor (safetensors' lazy `get_slice`), so a 70B model
 at TP=8 never materialises a full weight in one process. Random test models go through the
-same path: `random_lm_tensors` makes full tensors in Hugging Face names from a seed, so the
-model is the same function at every TP size.
+same path: `RandomLM` draws full tensors in Hugging Face names from a seed, so the model is the
+same function at every TP size.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from typing import Protocol
 
 import torch
@@ -92,29 +93,52 @@ class SafetensorsDir:
         return sl[index]
 
 
-def random_lm_tensors(cfg: LMConfig, seed: int) -> dict[str, torch.Tensor]:
-    """A random LLaMA in Hugging Face names (normal(0, 0.02) matrices, unit norms)."""
-    g = torch.Generator().manual_seed(seed)
+def random_lm_shapes(cfg: LMConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors of a LLaMA checkpoint in Hugging Face names, with their shapes."""
     D, E = cfg.hidden_size, cfg.head_dim
-
-    def normal(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=g) * 0.02
-
-    t = {"model.embed_tokens.weight": normal(cfg.vocab_size, D), "model.norm.weight": torch.ones(D)}
+    t = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        t[p + "self_attn.q_proj.weight"] = normal(cfg.num_heads * E, D)
-        t[p + "self_attn.k_proj.weight"] = normal(cfg.kv_heads * E, D)
-        t[p + "self_attn.v_proj.weight"] = normal(cfg.kv_heads * E, D)
-        t[p + "self_attn.o_proj.weight"] = normal(D, cfg.num_heads * E)
-        t[p + "mlp.gate_proj.weight"] = normal(cfg.intermediate_size, D)
-        t[p + "mlp.up_proj.weight"] = normal(cfg.intermediate_size, D)
-        t[p + "mlp.down_proj.weight"] = normal(D, cfg.intermediate_size)
-        t[p + "input_layernorm.weight"] = torch.ones(D)
-        t[p + "post_attention_layernorm.weight"] = torch.ones(D)
+        t[p + "self_attn.q_proj.weight"] = (cfg.num_heads * E, D)
+        t[p + "self_attn.k_proj.weight"] = (cfg.kv_heads * E, D)
+        t[p + "self_attn.v_proj.weight"] = (cfg.kv_heads * E, D)
+        t[p + "self_attn.o_proj.weight"] = (D, cfg.num_heads * E)
+        t[p + "mlp.gate_proj.weight"] = (cfg.intermediate_size, D)
+        t[p + "mlp.up_proj.weight"] = (cfg.intermediate_size, D)
+        t[p + "mlp.down_proj.weight"] = (D, cfg.intermediate_size)
+        t[p + "input_layernorm.weight"] = (D,)
+        t[p + "post_attention_layernorm.weight"] = (D,)
     if not cfg.tie_embeddings:
-        t["lm_head.weight"] = normal(cfg.vocab_size, D)
+        t["lm_head.weight"] = (cfg.vocab_size, D)
     return t
+
+
+class RandomLM:
+    """A random LLaMA as a `TensorSource` (normal(0, 0.02) matrices, unit norms), each tensor
+    drawn when read from a generator seeded by (seed, its name): nothing is held beyond the
+    tensor being loaded, and every rank and TP size draws the same values. On a CUDA device the
+    draws run there (a 7B LM drawn on the host took most of two minutes, issue 18); the values
+    then differ from the CPU's, but are the same on every GPU."""
+
+    def __init__(self, cfg: LMConfig, seed: int, device: str | torch.device | None = None):
+        self.shapes, self.seed = random_lm_shapes(cfg), seed
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def names(self) -> set[str]:
+        return set(self.shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def full(self, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        if len(shape) == 1:  # the norms
+            return torch.ones(shape)
+        g = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return (torch.randn(shape, generator=g, device=self.device) * 0.02).cpu()
+
+    def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return self.full(name).narrow(dim, start, stop - start)
 
 
 def load_lm_weights(lm, source: TensorSource) -> None:

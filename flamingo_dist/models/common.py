@@ -21,11 +21,11 @@ class RMSNorm(nn.Module):
         self.shared_weight_grad = shared_weight_grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm: one fused kernel on the GPU; on the CPU it decomposes into exactly the
+        # operations of x * rsqrt(mean(x^2) + eps) (the same bits: tests/test_model.py)
+        x32 = nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         weight = self.weight if self.shared_weight_grad is None else self.shared_weight_grad(self.weight)
-        return weight * x32.to(dtype)
+        return weight * x32.to(x.dtype)
 
 
 class LinearFactory(Protocol):
@@ -60,20 +60,19 @@ class LocalLinears:
         return t
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rope_cos_sin(position_ids_BT: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables [B, 1, T, E] in transformers' LLaMA convention (rotate_half layout,
-    frequencies in fp32)."""
+    """cos and signed-sin tables [B, 1, T, E] for `apply_rope`: transformers' LLaMA convention
+    (rotate_half layout, frequencies in fp32), the sin table's first half negated."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64,
                                               device=position_ids_BT.device).float() / head_dim))
     freqs_BTF = position_ids_BT.float()[..., None] * inv_freq
-    emb_BTE = torch.cat((freqs_BTF, freqs_BTF), dim=-1)
-    return emb_BTE.cos().to(dtype)[:, None], emb_BTE.sin().to(dtype)[:, None]
+    sin_BTF = freqs_BTF.sin()
+    cos_BTE = torch.cat((freqs_BTF, freqs_BTF), dim=-1).cos()
+    return cos_BTE.to(dtype)[:, None], torch.cat((-sin_BTF, sin_BTF), dim=-1).to(dtype)[:, None]
 
 
-def apply_rope(x_BHTE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x_BHTE * cos + rotate_half(x_BHTE) * sin
+def apply_rope(x_BHTE: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' `x * cos + rotate_half(x) * sin` in four kernels instead of six:
+    rotate_half(x) * sin = cat(-x2, x1) * cat(s, s) = roll(x, E/2) * cat(-s, s), bit for bit
+    (negation is exact)."""
+    return x_BHTE * cos + x_BHTE.roll(x_BHTE.shape[-1] // 2, dims=-1) * signed_sin

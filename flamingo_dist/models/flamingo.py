@@ -28,12 +28,14 @@ class FlamingoLayer(nn.Module):
         self.activation_checkpointing = False
         self.compiled_forward = None  # set by compile_unit (train.compile)
 
-    def compile_unit(self) -> None:
+    def compile_unit(self, fullgraph: bool = False) -> None:
         """torch.compile this unit's forward (cross-attention block + LM layer) for the calls
         without a generation cache: training and validation. Generation stays eager (its shapes
         change every token). torch caches compiled graphs per code object, with the modules'
-        weights as graph inputs, so layers of the same shape share one graph."""
-        self.compiled_forward = torch.compile(self._forward, dynamic=False)
+        weights as graph inputs, so layers of the same shape share one graph. At TP size 1 a unit
+        is one graph (`fullgraph=True` holds: tests/test_hot_path.py); megatron's TP>1 linears
+        break it in several."""
+        self.compiled_forward = torch.compile(self._forward, dynamic=False, fullgraph=fullgraph)
 
     def _forward(self, x_BTD, cos, sin, media_BMV, mask_bias, has_image_BT, self_mask=None, media_kv=None,
                  kv_cache=None):
@@ -103,25 +105,38 @@ class Flamingo(nn.Module):
         return [self.resampler, *[layer.xattn for layer in self.layers if layer.xattn is not None],
                 *self.lm.trainable_modules()]
 
+    def parameters_used_outside_their_module(self) -> list[nn.Parameter]:
+        """Trainable parameters read other than by calling their own module: the decoupled head's
+        rows (and the embedding's, when tied) in `logits_parallel`, the resampler's time
+        embeddings in `add_time`. (ZeRO-3 gathers a partitioned parameter only around its
+        module's calls unless told otherwise: training/engine.py.)"""
+        out = [self.lm.new_embed.weight] + ([self.lm.new_head.weight] if self.lm.new_head is not None else [])
+        return out + ([self.resampler.frame_embs] if hasattr(self.resampler, "frame_embs") else [])
+
     def xattn_blocks(self) -> list[tuple[int, GatedCrossAttentionBlock]]:
         return [(i, layer.xattn) for i, layer in enumerate(self.layers) if layer.xattn is not None]
 
-    def encode_media(self, pixel_values_BNCP: torch.Tensor, used_BN: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_media(self, pixel_values_BNCP: torch.Tensor, used_BN: torch.Tensor | None = None,
+                     slots_M: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N, 3, H, W] images, or [B, N, F, 3, H, W] videos of F frames each -> resampled
         media [B, N*L, V] (one media slot, L latents, per image or video).
 
-        `used_BN` (bool): the slots some token attends to. Only those go through the vision
-        encoder and the resampler (a packed batch has padding slots, often most of them); the
-        others get zero latents, which no token sees. At least one slot is always encoded, so
-        every rank calls the same modules also for a text-only micro-batch (ZeRO-3 gathers the
-        weights inside them, and every rank's backward must reach the same parameters)."""
+        Only the slots some token attends to go through the vision encoder and the resampler (a
+        packed batch has padding slots, often most of them); the others get zero latents, which
+        no token sees. `slots_M`: their flat indices (row * N + slot) as the loader computed them
+        (data/processing.py `collate`: nothing read back from the device here); else `used_BN`
+        (bool), the slots attended to, from which they are found here (evaluation, generation).
+        At least one slot is always encoded, so every rank calls the same modules also for a
+        text-only micro-batch (ZeRO-3 gathers the weights inside them, and every rank's backward
+        must reach the same parameters)."""
         B, N = pixel_values_BNCP.shape[:2]
         video = pixel_values_BNCP.dim() == 6
-        used_X = torch.ones(B * N, dtype=torch.bool, device=pixel_values_BNCP.device)
-        if used_BN is not None and self.skip_padding_media:
+        if not self.skip_padding_media or (slots_M is None and used_BN is None):
+            slots_M = torch.arange(B * N, device=pixel_values_BNCP.device)
+        elif slots_M is None:
             used_X = used_BN.reshape(-1).clone()
             used_X[0] |= not bool(used_X.any())
-        slots_M = used_X.nonzero().squeeze(1)  # M = encoded slots
+            slots_M = used_X.nonzero().squeeze(1)  # M = encoded slots
         pixels_M = pixel_values_BNCP.flatten(0, 1).index_select(0, slots_M)
         feats_XSV = self.vision(pixels_M.flatten(0, 1) if video else pixels_M)  # X = M(*F), no autograd
         dtype = next(self.resampler.parameters()).dtype
@@ -136,11 +151,12 @@ class Flamingo(nn.Module):
 
     def hidden_states(self, input_ids_BT, pixel_values_BNCP=None, image_attention_mask_BTN=None,
                       position_ids_BT=None, cache: GenerationCache | None = None,
-                      document_ids_BT=None) -> torch.Tensor:
+                      document_ids_BT=None, media_slots_M=None) -> torch.Tensor:
         """With a `cache` (generation): the first call is the prompt (with its pixels), each later
         call one new token per row (pixels not needed, its image-mask row given); positions
         continue from the cached length. `document_ids_BT` (packed training sequences): a token
-        attends only to earlier tokens with the same id (per-document self-attention)."""
+        attends only to earlier tokens with the same id (per-document self-attention).
+        `media_slots_M`: the media slots to encode, from the loader (`encode_media`)."""
         x_BTD = self.lm.embed(input_ids_BT)
         T = input_ids_BT.shape[1]
         start = cache.length if cache is not None else 0
@@ -151,8 +167,9 @@ class Flamingo(nn.Module):
         if cache is not None and cache.media_BMV is not None:
             media_BMV = cache.media_BMV
         elif pixel_values_BNCP is not None:
-            used_BN = image_attention_mask_BTN.bool().any(dim=1) if image_attention_mask_BTN is not None else None
-            media_BMV = self.encode_media(pixel_values_BNCP, used_BN).to(x_BTD.dtype)
+            used_BN = (image_attention_mask_BTN.bool().any(dim=1)
+                       if image_attention_mask_BTN is not None and media_slots_M is None else None)
+            media_BMV = self.encode_media(pixel_values_BNCP, used_BN, media_slots_M).to(x_BTD.dtype)
             if cache is not None:
                 cache.media_BMV = media_BMV
         if media_BMV is not None:
@@ -161,8 +178,9 @@ class Flamingo(nn.Module):
         if document_ids_BT is not None:
             if cache is not None:
                 raise ValueError("document_ids (packed training sequences) do not go with a generation cache")
+            # built once per micro-batch and shared by every layer (and its recomputation)
             self_mask = (document_block_mask(document_ids_BT) if self.packed_attention == "flex"
-                         else document_causal_mask(document_ids_BT))
+                         else document_causal_bias(document_ids_BT, x_BTD.dtype))
         for i, layer in enumerate(self.layers):
             media_kv = kv_cache = None
             if cache is not None:
@@ -178,13 +196,13 @@ class Flamingo(nn.Module):
 
     def forward(self, input_ids_BT, pixel_values_BNCP=None, image_attention_mask_BTN=None,
                 position_ids_BT=None, labels_BT=None, z_loss: float = 0.0, cache: GenerationCache | None = None,
-                document_ids_BT=None, loss_chunk_tokens: int = 0):
+                document_ids_BT=None, loss_chunk_tokens: int = 0, media_slots_M=None):
         """Without labels: this rank's vocabulary shard of the logits [B, T, Vp/tp]. With labels:
         (mean next-token loss over the labelled tokens + z-loss, detached statistics).
         `loss_chunk_tokens` > 0: the head and the loss run on chunks of that many positions, each
         recomputed in backward, so the logits of the whole batch are never held at once."""
         h = self.hidden_states(input_ids_BT, pixel_values_BNCP, image_attention_mask_BTN, position_ids_BT, cache,
-                               document_ids_BT)
+                               document_ids_BT, media_slots_M)
         if labels_BT is not None and 0 < loss_chunk_tokens < h.shape[1]:
             ce_sum, z_sum, count = self._chunked_loss(h, labels_BT, z_loss, loss_chunk_tokens)
         else:
@@ -229,6 +247,13 @@ def document_block_mask(document_ids_BT: torch.Tensor):
         return (k <= q) & (document_ids_BT[b, q] == document_ids_BT[b, k])
 
     return create_block_mask(causal_same_document, B, None, T, T, device=document_ids_BT.device)
+
+
+def document_causal_bias(document_ids_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`document_causal_mask` as SDPA's additive float mask [B, 1, T, T] (0 allowed, -inf not):
+    SDPA turns a boolean mask into this in every call; made once, every layer reuses it."""
+    allowed = document_causal_mask(document_ids_BT)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def document_causal_mask(document_ids_BT: torch.Tensor) -> torch.Tensor:

@@ -57,11 +57,16 @@ class TPLinears:
         self.tp_size = dist.get_world_size(tp_group)
         self.dtype = dtype
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
+    def column(self, in_features: int, out_features: int, allocate_weight: bool = True) -> nn.Module:
+        if self.tp_size == 1:
+            return LocalLinear(in_features, out_features, self.dtype, partition_dim=0, allocate_weight=allocate_weight)
         return ColumnLinear(in_features, out_features, config=_mp_config(self.tp_size, self.dtype),
-                            init_method=_noinit, bias=False, gather_output=False, tp_group=self.tp_group)
+                            init_method=_noinit, bias=False, gather_output=False, tp_group=self.tp_group,
+                            skip_weight_param_allocation=not allocate_weight)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
+        if self.tp_size == 1:
+            return LocalLinear(in_features, out_features, self.dtype, partition_dim=1)
         return RowLinear(in_features, out_features, config=_mp_config(self.tp_size, self.dtype),
                          init_method=_noinit, bias=False, input_is_parallel=True, skip_bias_add=False,
                          tp_group=self.tp_group)
@@ -72,6 +77,30 @@ class TPLinears:
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
         return copy_to_tensor_model_parallel_region(t, group=self.tp_group)
+
+
+class LocalLinear(nn.Module):
+    """A column- or row-parallel linear at TP size 1: the same `weight` (name, shape, dtype and
+    megatron's TP attributes, so checkpoints, resharding and DeepSpeed's norm see no difference)
+    through plain `F.linear`. megatron's layers cost two autograd functions and their
+    bookkeeping per call for collectives that are identities at TP=1, and break a compiled unit
+    into a dozen graphs. `forward(x, weight)` takes another weight (the tied LM head)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, partition_dim: int,
+                 allocate_weight: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if allocate_weight:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+            _mark_sharded(self.weight, partition_dim)
+        else:
+            self.register_parameter("weight", None)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight if weight is None else weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 @functools.cache  # megatron is imported lazily; the subclasses are made once
@@ -95,7 +124,7 @@ def _column_cls():
 
 @functools.cache
 def _row_cls():
-    from megatron.core.tensor_parallel import RowParallelLinear
+    from megatron.core.tensor_parallel import RowParallelLinear, reduce_from_tensor_model_parallel_region
 
     class _Row(RowParallelLinear):
         get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state  # as _Column
@@ -105,7 +134,14 @@ def _row_cls():
             self._load_state_dict_pre_hooks.clear()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-            return super().forward(x)[0]
+            # RowParallelLinear.forward for our case (input already split, no bias, no sequence
+            # parallelism), passing our TP group: megatron 0.16.1's forward passes tp_group=None
+            # to its matmul, which then calls warnings.warn on rank 0 in every call
+            out = self._forward_impl(input=x, weight=self.weight, bias=None,
+                                     gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+                                     allreduce_dgrad=False, sequence_parallel=False, tp_group=self.tp_group,
+                                     grad_output_buffer=None)
+            return reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
 
     return _Row
 
@@ -173,10 +209,10 @@ class DecoderLayer(nn.Module):
         B, T, _ = x_BTD.shape
         H, K, E = self.local_heads, self.local_kv_heads, self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x_BTD))
-        q_BHTE = qkv[..., : H * E].view(B, T, H, E).transpose(1, 2)
-        k_BKTE = qkv[..., H * E: (H + K) * E].view(B, T, K, E).transpose(1, 2)
+        # RoPE on queries and keys together: one set of kernels for both
+        qk_BHTE = apply_rope(qkv[..., : (H + K) * E].view(B, T, H + K, E).transpose(1, 2), cos, sin)
+        q_BHTE, k_BKTE = qk_BHTE[:, :H], qk_BHTE[:, H:]
         v_BKTE = qkv[..., (H + K) * E:].view(B, T, K, E).transpose(1, 2)
-        q_BHTE, k_BKTE = apply_rope(q_BHTE, cos, sin), apply_rope(k_BKTE, cos, sin)
         causal = attn_mask is None
         if kv_cache is not None:
             if "k" in kv_cache:
@@ -223,9 +259,7 @@ class TPLlama(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.linears) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_embeddings:
-            self.lm_head = ColumnLinear(cfg.hidden_size, self.padded_vocab_size, config=_mp_config(self.tp_size, dtype),
-                                        init_method=_noinit, bias=False, gather_output=False,
-                                        skip_weight_param_allocation=True, tp_group=tp_group)
+            self.lm_head = self.linears.column(cfg.hidden_size, self.padded_vocab_size, allocate_weight=False)
             self.new_head = None  # IDEFICS ties the decoupled output rows to the decoupled embedding
         else:
             self.lm_head = self.linears.column(cfg.hidden_size, self.padded_vocab_size)
@@ -270,11 +304,14 @@ class TPLlama(nn.Module):
 
     def gather_logits(self, logits_BTv: torch.Tensor) -> torch.Tensor:
         """Full logits [B, T, V+2] (the IDEFICS output width) from the per-rank shards."""
-        # megatron's gather_from_tensor_model_parallel_region allocates on torch.cuda.current_device().
+        # megatron's gather_from_tensor_model_parallel_region allocates on torch.cuda.current_device();
+        # torch.distributed.nn.functional.all_gather warns that it is deprecated in every call
         if self.tp_size > 1:
-            from torch.distributed.nn.functional import all_gather
+            from torch.distributed import _functional_collectives as funcol
 
-            logits_BTv = torch.cat(all_gather(logits_BTv.contiguous(), group=self.tp_group), dim=-1)
+            gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd  # < 2.14
+            logits_BTv = funcol.wait_tensor(gather(logits_BTv.contiguous(), gather_dim=logits_BTv.dim() - 1,
+                                                   group=self.tp_group))  # a negative gather_dim goes wrong
         return logits_BTv[..., : self.vocab_size + NUM_NEW_TOKENS]
 
 

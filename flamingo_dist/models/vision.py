@@ -54,9 +54,11 @@ def register_model_config(model_name: str) -> None:
         open_clip.add_model_config(os.path.join(_ASSETS, f"{model_name}.json"))
 
 
-def build_vision_encoder(model_name: str, pretrained: str | None, activation: str) -> VisionEncoder:
+def build_vision_encoder(model_name: str, pretrained: str | None, activation: str,
+                         device: str = "cpu") -> VisionEncoder:
     """Create the open_clip model by name (our debug ViT included) and keep its vision tower.
-    `pretrained` is a local weights file or None (random init); nothing is downloaded."""
+    `pretrained` is a local weights file or None (random init); nothing is downloaded.
+    `device="meta"`: shapes only (the capacity planner)."""
     import open_clip
 
     register_model_config(model_name)
@@ -65,5 +67,5 @@ def build_vision_encoder(model_name: str, pretrained: str | None, activation: st
     if pretrained is not None and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"model.vision.pretrained: {pretrained} is not a file")
     model = open_clip.create_model(model_name, pretrained=pretrained,
-                                   force_quick_gelu=(activation == "quick_gelu"))
+                                   force_quick_gelu=(activation == "quick_gelu"), device=device)
     return VisionEncoder(model.visual)

@@ -15,7 +15,7 @@ from torch import nn
 
 from flamingo_dist.config.schema import ModelConfig, xattn_layer_indices
 from flamingo_dist.hf.import_idefics import build_idefics_vision, load_idefics_weights
-from flamingo_dist.hf.llama import DictTensors, SafetensorsDir, load_lm_weights, random_lm_tensors
+from flamingo_dist.hf.llama import RandomLM, SafetensorsDir, load_lm_weights
 from flamingo_dist.models.flamingo import Flamingo
 from flamingo_dist.models.lm import TPLinears, TPLlama
 from flamingo_dist.models.resampler import PerceiverResampler
@@ -40,6 +40,24 @@ def init_sharded_linears_(module: nn.Module, generator: torch.Generator, tp_rank
             p.copy_(full.chunk(parts, dim=dim)[tp_rank if parts > 1 else 0])
 
 
+def assemble_model(cfg: ModelConfig, vision: nn.Module, tp_group: dist.ProcessGroup, dtype: torch.dtype) -> Flamingo:
+    """The modules around `vision`, with their default initialisation (on the meta device under
+    `torch.device("meta")`: the capacity planner's shapes, training/plan.py). Creation order is
+    fixed: the resampler and the blocks draw from the global generator."""
+    r = cfg.resampler
+    resampler = PerceiverResampler(vision.width, r.depth, r.num_heads, r.head_dim, r.num_latents, r.qk_layer_norms,
+                                   r.max_frames)
+    lm = TPLlama(cfg.lm, tp_group, dtype)
+    linears = TPLinears(tp_group, torch.float32)  # trainable: fp32 here, DeepSpeed decides their dtype
+    blocks = {i: GatedCrossAttentionBlock(cfg.lm.hidden_size, vision.width, cfg.lm.num_heads, cfg.lm.intermediate_size,
+                                          cfg.lm.rms_norm_eps, cfg.xattn.alpha_type, cfg.xattn.qk_layer_norms, linears,
+                                          cfg.xattn.alpha_init)
+              for i in xattn_layer_indices(cfg)}
+    model = Flamingo(vision, resampler, lm, blocks, r.num_latents)
+    model.packed_attention = cfg.packed_attention
+    return model
+
+
 def build_model(cfg: ModelConfig, tp_group: dist.ProcessGroup, seed: int,
                 dtype: torch.dtype = torch.float32) -> Flamingo:
     """The whole model on CPU; frozen parts are created directly in `dtype`. Weights: from
@@ -51,30 +69,27 @@ def build_model(cfg: ModelConfig, tp_group: dist.ProcessGroup, seed: int,
         vision = build_idefics_vision(cfg.init_from, cfg.vision.activation).to(dtype)
     else:
         vision = build_vision_encoder(cfg.vision.model_name, cfg.vision.pretrained, cfg.vision.activation).to(dtype)
-    r = cfg.resampler
-    resampler = PerceiverResampler(vision.width, r.depth, r.num_heads, r.head_dim, r.num_latents, r.qk_layer_norms,
-                                   r.max_frames)
-    lm = TPLlama(cfg.lm, tp_group, dtype)
+    model = assemble_model(cfg, vision, tp_group, dtype)
+    lm = model.lm
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         lm.new_embed.weight.copy_(torch.randn(lm.new_embed.weight.shape, generator=gen) * INIT_STD)
         if lm.new_head is not None:
             lm.new_head.weight.copy_(torch.randn(lm.new_head.weight.shape, generator=gen) * INIT_STD)
-    linears = TPLinears(tp_group, torch.float32)  # trainable: fp32 here, DeepSpeed decides their dtype
-    blocks = {}
-    for i in xattn_layer_indices(cfg):
-        block = GatedCrossAttentionBlock(cfg.lm.hidden_size, vision.width, cfg.lm.num_heads, cfg.lm.intermediate_size,
-                                         cfg.lm.rms_norm_eps, cfg.xattn.alpha_type, cfg.xattn.qk_layer_norms, linears,
-                                         cfg.xattn.alpha_init)
+    for i, block in model.xattn_blocks():
         init_sharded_linears_(block, torch.Generator().manual_seed(seed + 100 + i), tp_rank, tp_size)
-        blocks[i] = block
-    model = Flamingo(vision, resampler, lm, blocks, r.num_latents)
-    model.packed_attention = cfg.packed_attention
     if cfg.init_from:
         load_idefics_weights(model, cfg)
     else:
-        source = SafetensorsDir(cfg.lm.path) if cfg.lm.path else DictTensors(random_lm_tensors(cfg.lm, seed + 2))
+        source = SafetensorsDir(cfg.lm.path) if cfg.lm.path else RandomLM(cfg.lm, seed + 2)
         load_lm_weights(lm, source)
+    # every frozen tensor in `dtype` (the LM's norms are made in fp32); DeepSpeed, which is given the
+    # trainable modules only (training/engine.py), decides theirs
+    trainable = {id(p) for m in model.trainable_modules() for p in m.parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in trainable and p.dtype != dtype:
+                p.data = p.data.to(dtype)
     return model
 
 

@@ -32,6 +32,7 @@ workers divides the stream count; other layouts are refused. RNG states come fro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -56,6 +57,19 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file or the mismatch."""
+
+
+@contextlib.contextmanager
+def _safely():
+    """Every torch.load inside, DeepSpeed's included, loads data only (training/safe_load.py); a
+    file that needs more is a CheckpointError naming it."""
+    from flamingo_dist.training.safe_load import UnsafeCheckpointError, safe_loading
+
+    try:
+        with safe_loading():
+            yield
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def step_dir(root: str, step: int) -> str:
@@ -93,7 +107,15 @@ def _hash_in_parallel(path: str, rels: list[str]) -> dict[str, str]:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as tensors, numbers and strings only (loadable with
+    weights_only=True: nothing to unpickle but data)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -101,8 +123,13 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n, py = state["numpy"], state["python"]
+    if isinstance(n, dict):
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
+    else:  # checkpoints written before 2026-12-05: numpy's own tuple, Python's own tuple
+        np.random.set_state(n)
+        random.setstate(py)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -214,8 +241,14 @@ def verify(path: str) -> None:
     marker = os.path.join(path, COMMIT)
     if not os.path.isfile(marker):
         raise CheckpointError(f"{path}: not a committed checkpoint ({COMMIT} missing)")
-    with open(marker) as f:
-        expected = json.load(f)["files"]
+    try:
+        with open(marker) as f:
+            expected = json.load(f)["files"]
+        if not isinstance(expected, dict):
+            raise TypeError(f"'files' is a {type(expected).__name__}")
+    except (ValueError, KeyError, TypeError) as e:  # empty, truncated or garbage: as if never committed
+        raise CheckpointError(f"{marker}: unreadable commit marker ({type(e).__name__}: {e}); "
+                              "the checkpoint counts as uncommitted") from None
     present = set(_files(path))
     missing = sorted(set(expected) - present)
     bad = [f"{os.path.join(path, m)} is missing" for m in missing]
@@ -240,6 +273,47 @@ def resolve_resume(spec: str, root: str) -> str | None:
         except CheckpointError as e:
             log.warning(f"resume: skipping damaged checkpoint ({e}); trying the previous one")
     return None
+
+
+# The config fields that decide the trainable parameters' shapes (and so what a checkpoint can be
+# loaded into); the cross-attention placement is compared as the layers it puts blocks before.
+SHAPE_FIELDS = ("model.lm.vocab_size", "model.lm.hidden_size", "model.lm.intermediate_size", "model.lm.num_layers",
+                "model.lm.num_heads", "model.lm.num_kv_heads", "model.lm.tie_embeddings", "model.vision.model_name",
+                "model.resampler.num_latents", "model.resampler.depth", "model.resampler.num_heads",
+                "model.resampler.head_dim", "model.resampler.qk_layer_norms", "model.resampler.max_frames",
+                "model.xattn.alpha_type", "model.xattn.qk_layer_norms")
+
+
+def resume_config_differences(saved_job: dict, cfg) -> list[str]:
+    """`field: saved -> now` for every shape-deciding field the new config changes."""
+    from flamingo_dist.config.load import config_from_dict
+    from flamingo_dist.config.schema import xattn_layer_indices
+
+    saved = config_from_dict(saved_job)
+
+    def get(obj, dotted):
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    out = [f"{f}: {get(saved, f)!r} -> {get(cfg, f)!r}" for f in SHAPE_FIELDS if get(saved, f) != get(cfg, f)]
+    before, now = xattn_layer_indices(saved.model), xattn_layer_indices(cfg.model)
+    if before != now:
+        out.append(f"cross-attention blocks before layers {before} -> {now} (model.xattn placement/interval/layers)")
+    return out
+
+
+def check_resume_config(path: str, cfg) -> None:
+    """Raise one CheckpointError naming every field whose change makes `path` unloadable into
+    this run's model (fields that may change on resume, like steps, lr or the layout, are not
+    checked here: docs/operations.md)."""
+    with open(os.path.join(path, "config.json")) as f:
+        saved_job = json.load(f)["job"]
+    differences = resume_config_differences(saved_job, cfg)
+    if differences:
+        raise CheckpointError(f"{path}: this run's model differs from the checkpoint's, which cannot be loaded into "
+                              f"it: {'; '.join(differences)} (resume with the checkpoint's values, or start fresh "
+                              "in another run directory)")
 
 
 def universal_info(model) -> dict:
@@ -340,8 +414,9 @@ def load(trainer, path: str) -> None:
     if box[0]:
         raise CheckpointError(f"{path}: the frozen base model differs from the one this checkpoint was trained on: "
                               + "; ".join(box[0]))
-    _load_engine(trainer, path, meta)
-    own = torch.load(os.path.join(path, f"rank{lay.rank if same_layout else 0}.pt"), weights_only=False)
+    with _safely():
+        _load_engine(trainer, path, meta)
+        own = torch.load(os.path.join(path, f"rank{lay.rank if same_layout else 0}.pt"), weights_only=True)
     set_rng_state(own["rng"])
     trainer.load_state_dict(meta)
 
@@ -400,15 +475,16 @@ def model_from_checkpoint(path: str, dtype: torch.dtype = torch.float32):
     resolve_model_config(cfg.model)
     model = build_model(cfg.model, tp_group(), cfg.train.seed, dtype)
     trainable = {n for n, p in model.named_parameters() if _is_trainable(model, n)}
-    if meta["tp_size"] == 1:
-        trained = get_fp32_state_dict_from_zero_checkpoint(path, tag="ds", exclude_frozen_parameters=True)
-    else:
-        with tempfile.TemporaryDirectory(prefix="flamingo-universal-") as tmp:
-            made = os.path.join(path, "universal")
-            folder = os.path.join(made if os.path.isdir(made) else _to_universal(path, 0, os.path.join(tmp, "u")),
-                                  "zero")
-            trained = {n: torch.load(os.path.join(folder, n, "fp32.pt"), weights_only=False)[PARAM]
-                       for n in sorted(trainable) if os.path.isdir(os.path.join(folder, n))}
+    with _safely():
+        if meta["tp_size"] == 1:
+            trained = get_fp32_state_dict_from_zero_checkpoint(path, tag="ds", exclude_frozen_parameters=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="flamingo-universal-") as tmp:
+                made = os.path.join(path, "universal")
+                folder = os.path.join(made if os.path.isdir(made) else _to_universal(path, 0, os.path.join(tmp, "u")),
+                                      "zero")
+                trained = {n: torch.load(os.path.join(folder, n, "fp32.pt"), weights_only=True)[PARAM]
+                           for n in sorted(trainable) if os.path.isdir(os.path.join(folder, n))}
     result = model.load_state_dict(trained, strict=False)
     missing_trainable = sorted(set(result.missing_keys) & trainable)
     if missing_trainable or result.unexpected_keys:

@@ -35,6 +35,18 @@ def input_problems(cfg: JobConfig, deepspeed: str) -> list[str]:
                 f"with checkpoint.dir={resume}") if steps else "; give a step_NNNNNNNN directory of a run's checkpoints"
         problems.append(f"checkpoint.resume: {resume} is not a committed checkpoint (no {CHECKPOINT_COMMIT}){hint}")
 
+    if cfg.train.fused_zero_step:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from flamingo_dist.config.deepspeed import deepspeed_version_problem
+
+        try:
+            problem = deepspeed_version_problem(version("deepspeed"))
+        except PackageNotFoundError:
+            problem = "train.fused_zero_step: DeepSpeed is not installed"
+        if problem:
+            problems.append(problem)
+
     if cfg.model.packed_attention == "flex":
         import torch
 

@@ -1,11 +1,12 @@
 """A small trainer with named phases: build, train, train_step, close.
 
-Non-finite steps: each micro-batch's "loss is finite" flag is all-reduced over the world before
-its backward, so every rank knows together. DeepSpeed then discards the whole optimizer
-step through its own overflow path (the global gradient norm, itself a collective, is
-non-finite: gradients zeroed, optimizer and schedule untouched) and we count it. A finite loss
-whose gradient norm is not finite is discarded the same way. Too many skipped steps in a row
-stop the run with a message.
+A step reads the device once (training/step.py): after the last backward, one all-reduced
+vector carries the gradient norm, the non-finite losses, the stop signal, a due timed checkpoint,
+a data error and the loss sums; every rank decides from the same numbers. A step with a
+non-finite loss or gradient norm is discarded on every rank through DeepSpeed's own overflow path
+(gradients dropped, optimizer and schedule untouched) and counted; too many in a row stop the
+run with a message. Statistics that are not decisions (gate values, data counters) are read on
+logged steps only.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch.distributed as dist
 
 from flamingo_dist.config.schema import JobConfig
 from flamingo_dist.data.layout import labelled_tokens
-from flamingo_dist.data.processing import normalize_pixels
+from flamingo_dist.data.processing import MODEL_KEYS, normalize_pixels
+from flamingo_dist.training.step import StepRead, account, read_step, step_metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class Trainer:
         self.state = TrainState()
         self.ds_config_path = ds_config_path
         self.tracker = None
+        self.run_lock = None  # rank 0: the run directory's lock (training/run_lock.py), held until close()
         self.run_id: str | None = None  # the MLflow run, kept across resumes
         self.saved_data: dict | None = None  # the data position of the checkpoint resumed from
         self.feed = None  # flamingo_dist.data.feed.DataFeed: batches of every source
@@ -55,9 +58,14 @@ class Trainer:
         self.stop_flag = None  # a flamingo_dist.distributed.slurm.StopFlag: stop (saving) at the next step boundary
         self.stopped = False  # training ended early on a stop signal, after a committed checkpoint
         self._eval_tasks: dict | None = None  # the evaluation sets, read at the first evaluation
+        self.fused_step = None  # training.zero_step.FusedZeroStep: our ZeRO step, when it applies
+        self.last_read: StepRead | None = None  # what the last step's one read returned
+        self._last_save = (0, time.time())  # (step, time) of the last checkpoint, or of the start
 
     # ---------------------------------------------------------------- build
-    def build(self, track: bool = True) -> "Trainer":
+    def build(self, track: bool = True, feed=None) -> "Trainer":
+        """Everything a run needs. `feed`: micro-batches from elsewhere than the configured data
+        (an object with `sources`, `error` and `step_batches`, as benchmarks use): no validation."""
         from flamingo_dist.config.deepspeed import resolve_ds_config
         from flamingo_dist.data.feed import DataFeed
         from flamingo_dist.distributed.groups import MegatronMPU, dp_group, tp_group
@@ -67,20 +75,29 @@ class Trainer:
         from flamingo_dist.training.engine import parallelize
 
         cfg, lay = self.cfg, self.layout
+        self._lock_run_dir()
         self.synthetic_backbones = cfg.model.synthetic_backbones  # resolving points the LM and ViT into it
         self._on_writers(self._build_backbones)
         for note in resolve_model_config(cfg.model):
             self.log(note)
         ds_config = self.ds_config = resolve_ds_config(self.ds_config_path, cfg, lay.dp_size)
-        self.sources, self.val_shards, tok_dir = self._data_sources()
-        self.tokenizer = load_tokenizer(tok_dir, cfg.model.lm.vocab_size)
-        self.attribute_ids = attribute_ids(cfg, self.tokenizer)
+        resume_from = self._pick_resume(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
+        if feed is None:
+            self.sources, self.val_shards, tok_dir = self._data_sources()
+            self.tokenizer = load_tokenizer(tok_dir, cfg.model.lm.vocab_size)
+            self.attribute_ids = attribute_ids(cfg, self.tokenizer)
+        else:
+            self.sources, self.val_shards, self.tokenizer, self.attribute_ids = feed.sources, {}, None, {}
         self.model = build_model(cfg.model, tp_group(), cfg.train.seed, _dtype(cfg))
         if self.model.vision.image_size != cfg.data.image_size:
             raise ValueError(f"data.image_size ({cfg.data.image_size}) must equal the vision encoder's "
                              f"input size ({self.model.vision.image_size})")
-        self.engine = parallelize(self.model, cfg, ds_config, MegatronMPU())
+        self.engine = parallelize(self.model, cfg, ds_config, MegatronMPU(), lay.device)
         self.device = self.engine.device
+        from flamingo_dist.training import zero_step
+
+        if cfg.train.fused_zero_step:
+            self.fused_step = zero_step.install(self.engine)
         if cfg.eval.every_steps and self.engine.zero_optimization_partition_weights() and lay.dp_size > 1:
             from flamingo_dist.config.schema import ConfigError
 
@@ -90,7 +107,7 @@ class Trainer:
                               "with tools/evaluate.py")
         self.dp_group = dp_group()
         if cfg.checkpoint.resume:
-            self._resume(cfg.checkpoint.resume)
+            self._resume(resume_from)
         else:
             from flamingo_dist.config.schema import checkpoint_dir
             from flamingo_dist.training import checkpoint
@@ -107,12 +124,13 @@ class Trainer:
         # stop signal to this process (it saves a checkpoint, then the workers are shut down)
         from flamingo_dist.distributed.slurm import ignore_stop_signals
 
-        self.feed = DataFeed(cfg, self.sources, self.tokenizer, lay.dp_rank, lay.dp_size, self.dp_group, self.device,
-                             self.saved_data, worker_init_fn=ignore_stop_signals)
-        described = [f"{s.name} ({s.format}, {len(s.shards)} shards, weight {s.weight:g}, micro-batch "
-                     f"{s.micro_batch_size})" for s in self.sources]
-        self.log(f"data: {', '.join(described)}; {self.feed.num_streams} streams per source, "
-                 f"from slot {self.feed.start}")
+        self.feed = feed or DataFeed(cfg, self.sources, self.tokenizer, lay.dp_rank, lay.dp_size, self.dp_group,
+                                     self.device, self.saved_data, worker_init_fn=ignore_stop_signals)
+        if feed is None:
+            described = [f"{s.name} ({s.format}, {len(s.shards)} shards, weight {s.weight:g}, micro-batch "
+                         f"{s.micro_batch_size})" for s in self.sources]
+            self.log(f"data: {', '.join(described)}; {self.feed.num_streams} streams per source, "
+                     f"from slot {self.feed.start}")
         if track:
             from flamingo_dist.training.tracking import Tracker
 
@@ -120,11 +138,37 @@ class Trainer:
             self.run_id = self.tracker.run_id
         return self
 
-    def _resume(self, spec: str) -> None:
+    def _lock_run_dir(self) -> None:
+        """Collective: rank 0 takes the run directory (training/run_lock.py); every rank raises the
+        same one-line error when another live run holds it."""
+        from flamingo_dist.config.schema import ConfigError
+        from flamingo_dist.training.run_lock import RunDirectoryBusy, RunLock
+
+        box: list = [None]
+        if self.layout.rank == 0:
+            try:
+                self.run_lock = RunLock(self.cfg.tracking.run_dir).acquire()
+            except RunDirectoryBusy as e:
+                box[0] = str(e)
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise ConfigError(box[0])
+
+    def _pick_resume(self, spec: str) -> str | None:
+        """The checkpoint to resume (collective: verified), checked against this run's config
+        before anything is built: a change of the model's shapes is one error naming the fields."""
         from flamingo_dist.config.schema import checkpoint_dir
         from flamingo_dist.training import checkpoint
 
         path = checkpoint.resolve_resume(spec, checkpoint_dir(self.cfg))
+        if path is not None:
+            checkpoint.check_resume_config(path, self.cfg)
+        return path
+
+    def _resume(self, path: str | None) -> None:
+        from flamingo_dist.config.schema import checkpoint_dir
+        from flamingo_dist.training import checkpoint
+
         if path is None:
             self.log(f"resume auto: no committed checkpoint in {checkpoint_dir(self.cfg)}; starting fresh")
             return
@@ -156,15 +200,16 @@ class Trainer:
         return path
 
     def _save_due(self) -> bool:
-        """Every N steps, or every M minutes as decided on rank 0 and broadcast."""
+        """Every N steps, or every M minutes as rank 0's clock said in the step's read."""
         ck, step = self.cfg.checkpoint, self.state.step
         if ck.every_steps and step % ck.every_steps == 0:
             return True
-        if ck.every_minutes:
-            due = torch.tensor([float(time.time() - self._last_save[1] >= 60 * ck.every_minutes)], device=self.device)
-            dist.broadcast(due, src=0)
-            return bool(due.item())
-        return False
+        return bool(ck.every_minutes and self.last_read is not None and self.last_read.save_due)
+
+    def _timed_save_due_here(self) -> bool:
+        """Rank 0: are checkpoint.every_minutes up since the last save? (Other ranks: no.)"""
+        every = self.cfg.checkpoint.every_minutes
+        return bool(every and self.layout.rank == 0 and time.time() - self._last_save[1] >= 60 * every)
 
     def evaluate(self) -> dict:
         """Collective: the configured few-shot evaluation of the current weights, logged to the
@@ -195,12 +240,13 @@ class Trainer:
         self.model.eval()
         t0 = time.time()
         try:
-            results = fewshot.run(
-                self.model, self.tokenizer, self._eval_tasks, ev.shots, ev.methods, ev.trials, self.cfg.data.image_size,
-                out_json=os.path.join(run_dir, "eval", f"step_{step:08d}.json"), dp_rank=lay.dp_rank,
-                dp_size=lay.dp_size, dp_group=self.dp_group, feature_cache=os.path.join(run_dir, "eval", "features"),
-                tracker=self.tracker, step=step, seed=self.cfg.train.seed, max_new_tokens=ev.max_new_tokens,
-                writer=lay.rank == 0, num_beams=ev.num_beams)
+            with self._outside_params_gathered():
+                results = fewshot.run(
+                    self.model, self.tokenizer, self._eval_tasks, ev.shots, ev.methods, ev.trials, self.cfg.data.image_size,
+                    out_json=os.path.join(run_dir, "eval", f"step_{step:08d}.json"), dp_rank=lay.dp_rank,
+                    dp_size=lay.dp_size, dp_group=self.dp_group, feature_cache=os.path.join(run_dir, "eval", "features"),
+                    tracker=self.tracker, step=step, seed=self.cfg.train.seed, max_new_tokens=ev.max_new_tokens,
+                    writer=lay.rank == 0, num_beams=ev.num_beams)
         finally:
             self.model.train(was_training)
             self.model.vision.eval()  # the frozen tower always stays in eval mode
@@ -249,19 +295,30 @@ class Trainer:
         self.log(f"validation at step {self.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
 
+    def _to_device(self, batch: dict) -> dict:
+        """The keys the model uses, copied to the device without blocking the host (the loader
+        pins its batches in page-locked memory when training on a GPU)."""
+        return {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_KEYS if k in batch}
+
+    def _outside_params_gathered(self):
+        """Context for forwards that do not go through the engine (validation's logits, few-shot
+        evaluation): under ZeRO-3 the parameters read outside their own module (the decoupled
+        head's rows, the resampler's time embeddings) are gathered for its whole length, as the
+        engine's forward does through their registration (training/engine.py); nothing otherwise.
+        No engine forward may run inside: its end releases them."""
+        return gathered(self.model.parameters_used_outside_their_module())
+
     def _logits(self, batch: dict) -> torch.Tensor:
         """Full-vocabulary logits of one micro-batch (gathered over TP)."""
-        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        return self.model.logits(b["input_ids"], normalize_pixels(b["pixel_values"]), b["image_attention_mask"],
-                                 position_ids_BT=b["position_ids"], document_ids_BT=b.get("document_ids"))
+        b = self._to_device(batch)
+        with self._outside_params_gathered():
+            return self.model.logits(b["input_ids"], normalize_pixels(b["pixel_values"]), b["image_attention_mask"],
+                                     position_ids_BT=b["position_ids"], document_ids_BT=b.get("document_ids"),
+                                     media_slots_M=b.get("media_slots"))
 
     def _stop_requested(self) -> bool:
-        """Collective: did a stop signal reach any rank? (One all-reduce per step.)"""
-        if self.stop_flag is None:
-            return False
-        flag = torch.tensor([1.0 if self.stop_flag.raised else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+        """Did a stop signal reach any rank by the last step's read? (No collective of its own.)"""
+        return self.stop_flag is not None and self.last_read is not None and self.last_read.stop
 
     def _on_writers(self, write) -> None:
         """Collective: `write()` on rank 0 first, then on the first rank of every other host (a
@@ -321,6 +378,8 @@ class Trainer:
         t = self.cfg.train
         progress = Progress(t.steps, self.layout.rank, t.log_every)
         self._last_save = (self.state.step, time.time())
+        if self.stop_flag is not None:
+            self.stop_flag.arm(t.stop_grace_s)  # from here a stop signal saves before the process ends
         try:
             if self.cfg.eval.at_start and self.state.step == 0:
                 self._validate_and_log()
@@ -331,7 +390,7 @@ class Trainer:
                 progress.update(self.state.step, metrics)
                 if self.cfg.data.val_every_steps and self.state.step % self.cfg.data.val_every_steps == 0:
                     self._validate_and_log()
-                if self.state.step % t.log_every == 0:
+                if self.state.step % t.log_every == 0:  # reads of the device on logged steps only
                     metrics.update(self.gate_values())  # a collective under ZeRO-3: same steps on all ranks
                     metrics.update(self.feed.counters())
                     self._write_metrics(metrics)
@@ -376,120 +435,121 @@ class Trainer:
 
     def _forward(self, batch: dict):
         """(mean token loss, stats) of one micro-batch on the device."""
-        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        b = self._to_device(batch)
         pixels = normalize_pixels(b["pixel_values"])  # the loader ships uint8: normalised here, on the device
         return self.engine(b["input_ids"], pixels, b["image_attention_mask"], position_ids_BT=b["position_ids"],
                            labels_BT=b["labels"], z_loss=self.cfg.train.z_loss, document_ids_BT=b.get("document_ids"),
-                           loss_chunk_tokens=self.cfg.train.loss_chunk_tokens)
+                           loss_chunk_tokens=self.cfg.train.loss_chunk_tokens, media_slots_M=b.get("media_slots"))
 
-    def _check_data_error(self, flag: float) -> None:
-        """Collective when any rank's data reported an error (a shard over the skip-rate limit):
-        every rank stops with the first rank's message."""
-        if flag <= 0:
-            return
+    def _check_data_error(self) -> None:
+        """Collective, when the step's read reported a data error on some rank (a shard over the
+        skip-rate limit): every rank stops with the first rank's message."""
         messages: list = [None] * dist.get_world_size()
         dist.all_gather_object(messages, self.feed.error)
         raise TrainingStopped(next(m for m in messages if m))
 
     def train_step(self) -> dict:
-        """One optimizer step: grad_accum_steps micro-batches of every source.
-
-        The objective is sum_s weight_s * L_s, L_s being source s's mean token loss over the whole
-        global batch. The step's labelled tokens per source over all micro-batches and
-        data-parallel ranks are summed before the first backward, each micro-batch's mean loss is
-        weighted by weight_s * its share of them, and DeepSpeed's 1/accumulation and 1/dp
-        averaging is undone, so the gradient and the logged loss are the same in every layout
-        (DP x accumulation) with the same global batch."""
-        t, eng, lay = self.cfg.train, self.engine, self.layout
-        step = self.state.step + 1
-        t0 = time.time()
-        # the base rate this step uses (the scheduler moves after an applied step); group 0 may be scaled
-        lr = eng.get_lr()[0] / eng.optimizer.param_groups[0].get("lr_scale", 1.0)
-        batches = self.feed.step_batches(t.grad_accum_steps)
-        n = len(self.sources)
+        """One optimizer step: grad_accum_steps micro-batches of every source (training/step.py
+        for each piece). Reads the device once, after the last backward."""
+        t0 = time.perf_counter()
         index = {src.name: i for i, src in enumerate(self.sources)}
-        counts = [labelled_tokens(b["labels"]) for _, b in batches]
-        totals = torch.zeros(n + 1, dtype=torch.float64, device=self.device)  # tokens per source, data error
-        for (src, _), c in zip(batches, counts):
-            totals[index[src.name]] += c
-        totals[n] = 1.0 if self.feed.error else 0.0
-        if self.dp_group is not None and lay.dp_size > 1:
-            dist.all_reduce(totals, group=self.dp_group)
-        self._check_data_error(totals[n].item())
-        gas = t.grad_accum_steps * n  # DeepSpeed's accumulation: one micro-step per source micro-batch
-        # per source: loss*tokens, tokens, images, documents; then one non-finite flag
-        sums = torch.zeros(4 * n + 1, dtype=torch.float64, device=self.device)  # on device: nccl needs it
-        for (src, batch), tokens in zip(batches, counts):
-            i = index[src.name]
-            loss, stats = self._forward(batch)
-            # One collective per micro-batch: is the loss finite on every rank?
-            bad_flag = (~torch.isfinite(loss.detach())).float().reshape(1)
-            dist.all_reduce(bad_flag)
-            bad = bad_flag.item() > 0
-            eng.backward(loss * (src.weight * tokens * lay.dp_size * gas / max(1.0, totals[i].item())))
+        drawn = self.feed.step_batches(self.cfg.train.grad_accum_steps)
+        batches = account([(index[src.name], b) for src, b in drawn], len(self.sources),
+                          [src.weight for src in self.sources], self.layout.dp_size, self.dp_group, self.device)
+        losses = self._forward_backward(batches)
+        read = self.last_read = self._read(batches, losses)
+        applied, grad_norm = self._apply(read)
+        self._count(read, applied)
+        return step_metrics(read, [src.weight for src in self.sources], [src.name for src in self.sources],
+                            self._lr_of_step, grad_norm, applied, self.state.skipped_steps,
+                            time.perf_counter() - t0)
+
+    def _forward_backward(self, batches) -> list[torch.Tensor]:
+        """Forward and backward of every micro-batch, each loss weighted (`account`); the
+        optimizer's engine.step() of the last one waits for the read (`_apply`)."""
+        eng = self.engine
+        # the base rate this step uses (the scheduler moves after an applied step); group 0 may be scaled
+        self._lr_of_step = eng.get_lr()[0] / eng.optimizer.param_groups[0].get("lr_scale", 1.0)
+        losses = []
+        for j, batch in enumerate(batches.items):
+            loss, _ = self._forward(batch)
+            eng.backward(loss * batches.loss_scales[j])
+            if j < len(batches.items) - 1:
+                eng.step()  # a micro-step: DeepSpeed counts it, nothing is updated
+            losses.append(loss.detach())
+        return losses
+
+    def _read(self, batches, losses) -> StepRead:
+        """The one per-step read (training/step.py `read_step`)."""
+        lay = self.layout
+        norm_sq = self.fused_step.grad_norm_sq(self.device) if self.fused_step is not None else None
+        flags = (self.stop_flag is not None and self.stop_flag.raised, self._timed_save_due_here(),
+                 self.feed.error is not None)
+        return read_step(batches, losses, norm_sq, len(self.sources), flags, lay.tp_size, lay.world_size, self.device)
+
+    def _apply(self, read: StepRead) -> tuple[bool, float]:
+        """The optimizer step as the read decided: (applied, gradient norm)."""
+        if read.data_error:
+            self._check_data_error()
+        eng = self.engine
+        if self.fused_step is not None:
+            self.fused_step.decide(read.skip, read.grad_norm)
             eng.step()
-            sums[4 * i: 4 * i + 4] += torch.tensor(
-                [0.0 if bad else loss.item() * tokens, float(tokens), batch["num_images"].sum().item(),
-                 batch["num_documents"].sum().item()], dtype=torch.float64, device=self.device)
-            sums[4 * n] += float(bad)
+            return not read.skip, read.grad_norm
+        eng.step()  # DeepSpeed's own step decides (and reads) the gradient norm
         applied = eng.was_step_applied()
-        non_finite_loss = sums[4 * n].item() > 0
-        if non_finite_loss and applied:
+        if read.non_finite_losses and applied:
             raise RuntimeError("internal: DeepSpeed applied an optimizer step whose loss was not finite")
-        if self.dp_group is not None and lay.dp_size > 1:
-            dist.all_reduce(sums, group=self.dp_group)
-        per = sums[: 4 * n].view(n, 4)
-        elapsed = time.time() - t0
-        self.state.step = step
+        norm = eng.get_global_grad_norm()
+        return applied, float(norm) if norm is not None else float("nan")
+
+    def _count(self, read: StepRead, applied: bool) -> None:
+        """The trainer's counters after the step."""
+        st = self.state
+        st.step += 1
+        st.tokens_seen += int(sum(read.tokens))
         if applied:
-            self.state.consecutive_skipped = 0
-        else:
-            self.state.skipped_steps += 1
-            self.state.consecutive_skipped += 1
-            self.log(f"step {step}: non-finite {'loss' if non_finite_loss else 'gradient norm'} on some rank; "
-                     f"step skipped on all ranks ({self.state.skipped_steps} so far)")
-        self.state.tokens_seen += int(per[:, 1].sum().item())
-        grad_norm = eng.get_global_grad_norm()
-        source_loss = per[:, 0] / per[:, 1].clamp(min=1.0)
-        weights = torch.tensor([src.weight for src in self.sources], dtype=torch.float64, device=self.device)
-        metrics = {
-            "loss": (weights * source_loss).sum().item() if not non_finite_loss else float("nan"),
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None and applied else float("nan"),
-            "tokens_per_s": per[:, 1].sum().item() / elapsed,
-            "images_per_s": per[:, 2].sum().item() / elapsed,
-            "step_time_s": elapsed,
-            "skipped_steps": float(self.state.skipped_steps),
-            "step_applied": float(applied),
-        }
-        if n > 1 or self.sources[0].name != "main":
-            for i, src in enumerate(self.sources):
-                metrics[f"loss/{src.name}"] = source_loss[i].item() if not non_finite_loss else float("nan")
-                metrics[f"tokens_per_s/{src.name}"] = per[i, 1].item() / elapsed
-                metrics[f"images_per_s/{src.name}"] = per[i, 2].item() / elapsed
-                metrics[f"documents_per_s/{src.name}"] = per[i, 3].item() / elapsed
-        return metrics
+            st.consecutive_skipped = 0
+            return
+        st.skipped_steps += 1
+        st.consecutive_skipped += 1
+        self.log(f"step {st.step}: non-finite {'loss' if read.non_finite_losses else 'gradient norm'} on some rank; "
+                 f"step skipped on all ranks ({st.skipped_steps} so far)")
 
     def gate_values(self) -> dict[str, float]:
-        """tanh(alpha) of every gate (mean over channels for per-channel gates)."""
-        out = {}
+        """tanh(alpha) of every gate (mean over channels for per-channel gates): one gather under
+        ZeRO-3, one read."""
+        names, params = [], []
         for i, block in self.model.xattn_blocks():
             for name in ("alpha_cross_attn", "alpha_dense"):
-                p = getattr(block, name)
-                value = full_param(p)
-                out[f"gate/{name.removeprefix('alpha_')}/layer{i}"] = torch.tanh(value.float()).mean().item()
-        return out
+                names.append(f"gate/{name.removeprefix('alpha_')}/layer{i}")
+                params.append(getattr(block, name))
+        if not params:
+            return {}
+        with gathered(params):
+            values = torch.stack([torch.tanh(p.detach().float()).mean() for p in params]).tolist()
+        return dict(zip(names, values))
 
     def close(self, status: str = "FINISHED") -> None:
         if self.tracker is not None:
             self.tracker.close(status)
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+
+def gathered(params: list):
+    """Context: the full values of `params` inside, also under ZeRO-3 (one gather for all)."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
 
 
 def full_param(p: torch.Tensor) -> torch.Tensor:
     """A parameter's full value, also under ZeRO-3 (where each rank holds a partition)."""
-    if hasattr(p, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p]):
-            return p.detach().clone()
-    return p.detach()
+    with gathered([p]):
+        return p.detach().clone() if hasattr(p, "ds_id") else p.detach()

@@ -1,0 +1,257 @@
+"""Faults that must never cost more than the last checkpoint (issue 20), as far as built: a
+planted pickle in a checkpoint never runs and is refused naming the file, in our files and in
+DeepSpeed's; a resume with a changed model is one line naming the fields; a garbage commit marker
+counts as uncommitted and `--resume auto` falls back."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from distributed import capture_logs, run_distributed
+from test_trainer import make_trainer
+
+
+class _Planted:
+    """Unpickling this runs a shell command (what a planted file would do)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant(checkpoint_dir: str, rel: str, marker: str) -> None:
+    """Replace `rel` by a pickle that runs code, its hash written into the commit marker (anyone who
+    can write the folder can do both)."""
+    from flamingo_dist.training import checkpoint
+
+    path = os.path.join(checkpoint_dir, rel)
+    original = torch.load(path, weights_only=False)  # our own, trusted: rewritten with the payload inside
+    original["planted"] = _Planted(marker)
+    torch.save(original, path)
+    marker_file = os.path.join(checkpoint_dir, checkpoint.COMMIT)
+    with open(marker_file) as f:
+        commit = json.load(f)
+    commit["files"][rel] = checkpoint._sha256(path)
+    with open(marker_file, "w") as f:
+        json.dump(commit, f)
+
+
+def _planted_pickles(layout, corpus, run_dir, marker_dir):
+    from flamingo_dist.training import checkpoint
+
+    trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=4")
+    trainer.train_step()
+    saved = trainer.save_checkpoint()
+    del trainer
+    out = {}
+    for rel in ("rank0.pt", "ds/mp_rank_00_model_states.pt"):
+        marker = os.path.join(marker_dir, rel.replace("/", "_") + ".ran")
+        backups = {}
+        for name in (rel, checkpoint.COMMIT):
+            with open(os.path.join(saved, name), "rb") as f:
+                backups[name] = f.read()
+        _plant(saved, rel, marker)
+        try:
+            make_trainer(layout, corpus, run_dir, 2, "train.steps=4", "checkpoint.resume=auto")
+            out[rel] = {"error": None}
+        except checkpoint.CheckpointError as e:
+            out[rel] = {"error": str(e)}
+        out[rel]["ran"] = os.path.exists(marker)
+        for name, content in backups.items():  # the genuine files back, for the next case
+            with open(os.path.join(saved, name), "wb") as f:
+                f.write(content)
+    try:  # a resume with a changed model: refused before the model is built, naming what changed
+        make_trainer(layout, corpus, run_dir, 2, "train.steps=4", "checkpoint.resume=auto", "model.resampler.depth=1",
+                     "model.xattn.cross_layer_interval=2")
+        out["changed"] = None
+    except checkpoint.CheckpointError as e:
+        out["changed"] = str(e)
+    return out
+
+
+def test_a_planted_pickle_never_runs_and_is_refused(synthetic_corpus, tmp_path):
+    (out,) = run_distributed(_planted_pickles, 1, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"),
+                             str(tmp_path))
+    changed = out.pop("changed")
+    assert changed is not None and "\n" not in changed
+    assert "model.resampler.depth: 2 -> 1" in changed and "before layers [0, 1] -> [0]" in changed, changed
+    for rel, r in out.items():
+        assert not r["ran"], f"{rel}: the planted code ran"
+        assert r["error"] is not None, f"{rel}: the tampered checkpoint was loaded"
+        assert os.path.basename(rel) in r["error"] and "refused to load" in r["error"], r["error"]
+        assert "\n" not in r["error"]
+
+
+def _garbage_marker(layout, corpus, run_dir):
+    from flamingo_dist.training import checkpoint
+
+    trainer = make_trainer(layout, corpus, run_dir, 1, "train.steps=4")
+    trainer.train_step()
+    good = trainer.save_checkpoint()
+    trainer.train_step()
+    late = trainer.save_checkpoint()
+    logs = []
+    capture_logs("flamingo_dist.training.checkpoint", logs)
+    out = {"good": good}
+    for name, content in (("garbage", "{not json"), ("empty", ""), ("no files", '{"step": 2}')):
+        with open(os.path.join(late, checkpoint.COMMIT), "w") as f:
+            f.write(content)
+        out[name] = checkpoint.resolve_resume("auto", os.path.join(run_dir, "checkpoints"))
+    out["logs"] = logs
+    return out
+
+
+def test_a_garbage_commit_marker_falls_back_to_the_previous_checkpoint(synthetic_corpus, tmp_path):
+    (out,) = run_distributed(_garbage_marker, 1, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"))
+    for name in ("garbage", "empty", "no files"):
+        assert out[name] == out["good"], name
+    warnings = [line for line in out["logs"] if "unreadable commit marker" in line]
+    assert len(warnings) == 3, out["logs"]
+
+
+# ---------------------------------------------------------------- stop signals, real launchers
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+STEPS = 40  # a couple of seconds of training: signalled at step >= 3, it stops long before the end
+
+
+def _launch(run_dir, corpus, port, *extra, launcher="deepspeed"):
+    """The user's command under the `deepspeed` launcher (2 ranks on CPU), in its own process group."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+    head = {"deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", str(port)],
+            "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", str(port)]}[launcher]
+    cmd = [*head, "flamingo_dist/train.py", "--deepspeed", "ds_configs/zero2.json",
+           "--set", f"train.steps={STEPS}", "--set", "train.warmup_steps=2", "--set", f"data.synthetic_dir={corpus}",
+           "--set", f"tracking.run_dir={run_dir}", "--set", "tracking.mlflow=false", "--set", "train.stop_grace_s=45",
+           "--set", "checkpoint.at_end=false", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def _ranks(proc):
+    """The training processes (and their loader workers) under the launcher."""
+    return [p for p in psutil.Process(proc.pid).children(recursive=True)]
+
+
+def _wait_for(cond, timeout, what):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic_corpus, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("straight"))
+    proc = _launch(run_dir, synthetic_corpus, 29711)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return _losses(run_dir)
+
+
+def _train_until_running(run_dir, corpus, port, launcher="deepspeed"):
+    proc = _launch(run_dir, corpus, port, launcher=launcher)
+    _wait_for(lambda: os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) and len(_losses(run_dir)) >= 3, 240,
+              "training to start")
+    return proc
+
+
+@pytest.mark.parametrize("target", ["launcher", "one rank", "group"])
+def test_sigterm_saves_a_committed_checkpoint_and_the_resume_is_bit_identical(target, uninterrupted,
+                                                                               synthetic_corpus, tmp_path):
+    """SIGTERM to the `deepspeed` runner (which exits at once and leaves its ranks: they notice
+    their launcher is gone), to one rank, or to the whole process group (`timeout`, a terminal):
+    every case ends with a committed checkpoint, exit status 4 (stopped, resumable) and no process
+    left within the grace period; `--resume auto` then finishes the run bit-identically."""
+    from flamingo_dist.training import checkpoint
+
+    run_dir = str(tmp_path / "run")
+    port = 29712 + ["launcher", "one rank", "group"].index(target) * 3
+    proc = _train_until_running(run_dir, synthetic_corpus, port)
+    procs = _ranks(proc) + [psutil.Process(proc.pid)]
+    trainers = [p for p in procs if "train.py" in " ".join(p.cmdline()) and p.pid != proc.pid
+                and "deepspeed" not in p.cmdline()[1]]
+    t0 = time.time()
+    if target == "launcher":
+        os.kill(proc.pid, signal.SIGTERM)
+    elif target == "one rank":
+        os.kill(max(trainers, key=lambda p: p.pid).pid, signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    _, alive = psutil.wait_procs(procs, timeout=max(1.0, 60 - (time.time() - t0)))
+    assert not alive, f"still running {time.time() - t0:.0f}s after the signal: {[p.cmdline() for p in alive]}"
+    committed = checkpoint.committed(os.path.join(run_dir, "checkpoints"))
+    assert len(committed) == 1, out[-3000:]
+    stopped_at = max(_losses(run_dir))
+    assert stopped_at < STEPS and committed[0].endswith(f"step_{stopped_at:08d}"), out[-3000:]
+    # the runner passes on its ranks' status (4: stopped with a committed checkpoint), unless the
+    # signal reached the runner itself, which then dies of it
+    assert proc.returncode == (4 if target == "one rank" else -signal.SIGTERM), out[-3000:]
+    resumed = _launch(run_dir, synthetic_corpus, port + 1, "--resume", "auto")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    assert _losses(run_dir) == uninterrupted
+
+
+# ---------------------------------------------------------------- one run per directory
+def _hold_lock(run_dir):
+    code = ("import sys, time; from flamingo_dist.training.run_lock import RunLock; "
+            "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, run_dir], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_on_a_live_directory_is_refused_in_one_line(synthetic_corpus, tmp_path):
+    """A live run (another process holding the lock) refuses `--resume auto` into its directory
+    with one line naming it; once that process is gone its lock is taken over with a warning."""
+    from flamingo_dist.training.run_lock import LOCK, RunLock
+
+    run_dir = str(tmp_path / "run")
+    holder = _hold_lock(run_dir)
+    try:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.run([sys.executable, "-m", "flamingo_dist.train", "--deepspeed", "ds_configs/zero2.json",
+                               "--set", "train.steps=2", "--set", f"data.synthetic_dir={synthetic_corpus}",
+                               "--set", f"tracking.run_dir={run_dir}", "--set", "tracking.mlflow=false",
+                               "--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "in use by another run" in errors[0] and f"pid {holder.pid} on" in errors[0], errors[0]
+    assert not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))  # nothing of the holder's was touched
+    logs = []
+    capture_logs("flamingo_dist.training.run_lock", logs)
+    lock = RunLock(run_dir).acquire()  # the holder was killed: its lock is stale on this host
+    assert any("taking over" in line and "its process has ended" in line for line in logs), logs
+    lock.release()
+    assert not os.path.exists(os.path.join(run_dir, LOCK))
+
+
+def test_a_lock_on_another_host_is_stale_only_without_heartbeat_and_a_requeued_job_takes_its_own():
+    from flamingo_dist.training.run_lock import STALE_AFTER_S, _holder_gone
+
+    me = {"host": "here", "pid": 1, "slurm_job_id": "77"}
+    other = {"host": "there", "pid": 5, "start_time": 0.0, "slurm_job_id": None}
+    assert _holder_gone(other, 10.0, me) is None
+    assert "heartbeat" in _holder_gone(other, STALE_AFTER_S + 1, me)
+    assert "requeued" in _holder_gone({**other, "slurm_job_id": "77"}, 10.0, me)
+    assert _holder_gone({**other, "host": "here", "pid": os.getpid(),
+                         "start_time": psutil.Process().create_time()}, 1e6, me) is None  # alive here
