@@ -255,3 +255,170 @@ def test_a_lock_on_another_host_is_stale_only_without_heartbeat_and_a_requeued_j
     assert "requeued" in _holder_gone({**other, "slurm_job_id": "77"}, 10.0, me)
     assert _holder_gone({**other, "host": "here", "pid": os.getpid(),
                          "start_time": psutil.Process().create_time()}, 1e6, me) is None  # alive here
+
+
+# ---------------------------------------------------------------- tracking outages
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(port: int, db: str) -> subprocess.Popen:
+    """`mlflow server` on an sqlite store, in its own process group; returns once it answers."""
+    import urllib.request
+
+    proc = subprocess.Popen([os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if time.time() - t0 > 90 or proc.poll() is not None:
+            raise RuntimeError("mlflow server did not start")
+        time.sleep(0.2)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _tracked_trainer(layout, corpus, run_dir, *sets):
+    """A trainer with MLflow tracking as train.py builds it, and the wall time each step spent
+    outside train_step (logging, tracking) recorded."""
+    from flamingo_dist.training.tracking import Tracker
+
+    trainer = make_trainer(layout, corpus, run_dir, 2, "train.steps=12", *sets)
+    trainer.cfg.tracking.mlflow = True
+    t0 = time.time()
+    trainer.tracker = Tracker(trainer.cfg.tracking, trainer.cfg, layout, run_name="outage")
+    start_s = time.time() - t0
+    step, gaps, last_end = trainer.train_step, [], [None]
+
+    def timed_step():
+        if last_end[0] is not None:
+            gaps.append(time.time() - last_end[0])
+        out = step()
+        last_end[0] = time.time()
+        return out
+
+    trainer.train_step = timed_step
+    return trainer, start_s, gaps
+
+
+def _server_dies_mid_run(layout, corpus, run_dir, port, db, server_pid):
+    trainer, _, gaps = _tracked_trainer(layout, corpus, run_dir, f"tracking.tracking_uri=http://127.0.0.1:{port}",
+                                        "tracking.close_timeout_s=90")
+    step, restarted = trainer.train_step, []
+
+    def outage_step():  # the server is killed before step 4 and comes back before step 9
+        if trainer.state.step == 3:
+            _kill_group(server_pid)
+        if trainer.state.step == 8:
+            restarted.append(subprocess.Popen([os.path.join(BIN, "mlflow"), "server", "--backend-store-uri",
+                                               f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port),
+                                               "--workers", "1"], stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL, start_new_session=True))
+        return step()
+
+    trainer.train_step = outage_step
+    trainer.train()
+    run_id = trainer.tracker.run_id
+    trainer.close()
+    return {"gaps": gaps, "run_id": run_id, "server": restarted[0].pid}
+
+
+def test_an_mlflow_server_killed_mid_run_costs_no_step_and_no_metric(synthetic_corpus, tmp_path):
+    """The server dies after step 3 and is back (after its ~6 s start) only once training ended:
+    no step waits for it (< 2 s outside the step), metrics.jsonl has all 12 steps, and the
+    records it missed reach it on reconnection (replayed by the background sender)."""
+    import mlflow
+
+    port, db = _free_port(), str(tmp_path / "server.db")
+    server = _mlflow_server(port, db)
+    run_dir = str(tmp_path / "run")
+    try:
+        (out,) = run_distributed(_server_dies_mid_run, 1, 1, tmp_path / "out", synthetic_corpus, run_dir, port, db,
+                                 server.pid)
+    finally:
+        _kill_group(server.pid)
+    try:
+        assert max(out["gaps"]) < 2.0, out["gaps"]
+        assert sorted(_losses(run_dir)) == list(range(1, 13))
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+        assert [m.step for m in client.get_metric_history(out["run_id"], "loss")] == list(range(1, 13))
+        assert client.get_run(out["run_id"]).info.status == "FINISHED"
+    finally:
+        _kill_group(out["server"])
+
+
+def _store_unreachable(layout, corpus, run_dir, port):
+    from flamingo_dist.training.tracking import TrackingUnavailable
+
+    out = {}
+    logs = []
+    capture_logs("flamingo_dist.training.tracking", logs)
+    uri = f"tracking.tracking_uri=http://127.0.0.1:{port}"
+    trainer, out["start_s"], out["gaps"] = _tracked_trainer(layout, corpus, run_dir, uri, "tracking.start_timeout_s=3",
+                                                            "tracking.close_timeout_s=2")
+    trainer.train()
+    trainer.close()
+    out["logs"] = list(logs)
+    t0 = time.time()
+    try:
+        _tracked_trainer(layout, corpus, run_dir + "-required", uri, "tracking.start_timeout_s=3",
+                         "tracking.required=true")
+        out["required"] = None
+    except TrackingUnavailable as e:
+        out["required"] = str(e)
+    out["required_s"] = time.time() - t0
+    return out
+
+
+def test_an_unreachable_store_at_start_is_a_warning_and_required_tracking_an_error(synthetic_corpus, tmp_path):
+    run_dir = str(tmp_path / "run")
+    (out,) = run_distributed(_store_unreachable, 1, 1, tmp_path / "out", synthetic_corpus, run_dir, _free_port())
+    assert out["start_s"] < 3 + 2 and max(out["gaps"]) < 2.0, out
+    assert sorted(_losses(run_dir)) == list(range(1, 13))
+    assert any("did not start the run within 3s" in line for line in out["logs"]), out["logs"]
+    assert any("metrics.jsonl" in line and "did not take" in line for line in out["logs"]), out["logs"]
+    assert out["required"] is not None and "tracking.required" in out["required"] and "\n" not in out["required"]
+    assert out["required_s"] < 3 + 10  # the wait, plus a trainer build
+
+
+def _tracked_run(layout, corpus, run_dir, steps, *sets):
+    from flamingo_dist.training.tracking import Tracker
+
+    trainer = make_trainer(layout, corpus, run_dir, 2, f"train.steps={steps}", *sets)
+    trainer.cfg.tracking.mlflow = True
+    trainer.tracker = Tracker(trainer.cfg.tracking, trainer.cfg, layout, run_name="run", run_id=trainer.run_id)
+    trainer.train()
+    trainer.close()
+    return trainer.tracker.run_id
+
+
+def test_a_resume_whose_mlflow_run_is_gone_starts_a_new_run_linked_to_the_old(synthetic_corpus, tmp_path):
+    """The store is deleted (the checkpoints intact): the resume logs to a new run tagged with the
+    old id, instead of failing with MLflow's "Run with id=... not found"."""
+    import mlflow
+
+    run_dir = str(tmp_path / "run")
+    (first,) = run_distributed(_tracked_run, 1, 1, tmp_path / "a", synthetic_corpus, run_dir, 2,
+                               "checkpoint.every_steps=2")
+    os.remove(os.path.join(run_dir, "mlflow.db"))
+    (second,) = run_distributed(_tracked_run, 1, 1, tmp_path / "b", synthetic_corpus, run_dir, 4,
+                                "checkpoint.resume=auto")
+    assert first and second and first != second
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db").get_run(second)
+    assert run.data.tags["resumed_from_run_id"] == first and run.info.status == "FINISHED"
+    assert sorted(_losses(run_dir)) == [1, 2, 3, 4]

@@ -336,6 +336,19 @@ class TrackingConfig:
     """MLflow experiment name."""
     run_name: Optional[str] = None
     """MLflow run name; defaults to the flavor name."""
+    required: bool = False
+    """Stop at start when MLflow does not answer within start_timeout_s. Off: one warning, and
+    training goes on (metrics.jsonl has every record; MLflow gets them when it answers)."""
+    start_timeout_s: float = 10.0
+    """How long the start waits for MLflow to open the run (it keeps trying in the background)."""
+    close_timeout_s: float = 30.0
+    """How long the end of a run waits for MLflow to take the records still queued."""
+    request_timeout_s: float = 10.0
+    """Timeout of one HTTP request to an MLflow server (MLFLOW_HTTP_REQUEST_TIMEOUT unless set);
+    failed requests are retried by the background sender, with backoff up to 10 s."""
+    queue_size: int = 100000
+    """Records waiting for MLflow at most (one per logged step); beyond, MLflow misses the later
+    ones (metrics.jsonl still has them) and a warning says so."""
 
 
 @dataclass

@@ -179,7 +179,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """Collective: what a checkpoint keeps of the trainer besides the engine and the RNG (JSON):
         the counters, the MLflow run, every stream's data position."""
-        return {**dataclasses.asdict(self.state), "run_id": self.run_id, "data": self.feed.state_dict()}
+        run_id = self.tracker.run_id if self.tracker is not None else self.run_id  # rank 0's, once MLflow answered
+        return {**dataclasses.asdict(self.state), "run_id": run_id, "data": self.feed.state_dict()}
 
     def load_state_dict(self, saved: dict) -> None:
         """The inverse of `state_dict` (before the data feed is built: it starts from `saved_data`)."""
