@@ -85,6 +85,7 @@ def main(argv=None) -> int:
         return 2
 
     from flamingo_dist.distributed.groups import destroy_distributed, init_distributed
+    from flamingo_dist.training.checkpoint import CheckpointError
     from flamingo_dist.training.trainer import Trainer, TrainingStopped
 
     layout = init_distributed(cfg.parallel.tensor_parallel_size)
@@ -107,8 +108,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print_error(e, args.debug)
         return 2
-    except TrainingStopped as e:  # the run cannot go on (bad data, diverged); the message says why
-        print(f"error: {e}", file=sys.stderr)
+    except (TrainingStopped, CheckpointError) as e:  # the run cannot go on (bad data, diverged, a checkpoint
+        print(f"error: {e}", file=sys.stderr)       # that cannot be read or written); the message says why
         return 1
     finally:
         trainer.close(status)

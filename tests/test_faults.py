@@ -1,7 +1,11 @@
-"""Faults that must never cost more than the last checkpoint (issue 20), as far as built: a
-planted pickle in a checkpoint never runs and is refused naming the file, in our files and in
-DeepSpeed's; a resume with a changed model is one line naming the fields; a garbage commit marker
-counts as uncommitted and `--resume auto` falls back."""
+"""Faults that must never cost more than the last checkpoint (issue 20; docs/operations.md): a
+planted pickle never runs and is refused naming the file, in our files and in DeepSpeed's; a
+resume with a changed model is one line naming the fields; a garbage commit marker counts as
+uncommitted and `--resume auto` falls back; partial step folders are listed and removed; SIGTERM
+to the `deepspeed` runner, to one rank and to the group (and under torchrun, and Ctrl-C to a plain
+process) saves a committed checkpoint and the resume is bit-identical; one run per directory; an
+MLflow server killed mid-run, unreachable at start, or deleted before a resume costs no step and
+no metric; a full disk is one line and keeps the previous checkpoint."""
 
 import json
 import os
@@ -117,6 +121,37 @@ def test_a_garbage_commit_marker_falls_back_to_the_previous_checkpoint(synthetic
     assert len(warnings) == 3, out["logs"]
 
 
+
+def _partial_folder(layout, corpus, run_dir):
+    from flamingo_dist.training import checkpoint
+
+    trainer = make_trainer(layout, corpus, run_dir, 1, "train.steps=4")
+    trainer.train_step()
+    trainer.save_checkpoint()
+    leftover = checkpoint.step_dir(os.path.join(run_dir, "checkpoints"), 2)  # a save at step 2 cut short
+    os.makedirs(os.path.join(leftover, "ds"))
+    with open(os.path.join(leftover, "ds", "part.pt"), "wb") as f:
+        f.write(b"\0" * 300_000)
+    logs = []
+    capture_logs("flamingo_dist.training.trainer", logs)
+    trainer = make_trainer(layout, corpus, run_dir, 1, "train.steps=4", "checkpoint.resume=auto")
+    listed = [line for line in logs if "partial checkpoint folder" in line]
+    trainer.train_step()
+    trainer.train_step()
+    trainer.save_checkpoint()  # step 3 commits: the older partial folder goes (in the background)
+    t0 = time.time()
+    while os.path.exists(leftover) and time.time() - t0 < 10:
+        time.sleep(0.05)
+    return listed, os.path.exists(leftover), trainer.state.step
+
+
+def test_a_partial_step_folder_is_listed_at_start_and_removed_after_a_newer_commit(synthetic_corpus, tmp_path):
+    ((listed, still_there, step),) = run_distributed(_partial_folder, 1, 1, tmp_path / "out", synthetic_corpus,
+                                                     str(tmp_path / "run"))
+    assert len(listed) == 1 and "step_00000002 (0.3 MB)" in listed[0], listed
+    assert step == 3 and not still_there
+
+
 # ---------------------------------------------------------------- stop signals, real launchers
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -127,7 +162,8 @@ def _launch(run_dir, corpus, port, *extra, launcher="deepspeed"):
     """The user's command under the `deepspeed` launcher (2 ranks on CPU), in its own process group."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
     head = {"deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", str(port)],
-            "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", str(port)]}[launcher]
+            "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", str(port)],
+            "python": [sys.executable]}[launcher]
     cmd = [*head, "flamingo_dist/train.py", "--deepspeed", "ds_configs/zero2.json",
            "--set", f"train.steps={STEPS}", "--set", "train.warmup_steps=2", "--set", f"data.synthetic_dir={corpus}",
            "--set", f"tracking.run_dir={run_dir}", "--set", "tracking.mlflow=false", "--set", "train.stop_grace_s=45",
@@ -174,7 +210,8 @@ def _train_until_running(run_dir, corpus, port, launcher="deepspeed"):
 def test_sigterm_saves_a_committed_checkpoint_and_the_resume_is_bit_identical(target, uninterrupted,
                                                                                synthetic_corpus, tmp_path):
     """SIGTERM to the `deepspeed` runner (which exits at once and leaves its ranks: they notice
-    their launcher is gone), to one rank, or to the whole process group (`timeout`, a terminal):
+    their launcher is gone), to one rank, or to the whole process group (`timeout`, a terminal;
+    sent twice):
     every case ends with a committed checkpoint, exit status 4 (stopped, resumable) and no process
     left within the grace period; `--resume auto` then finishes the run bit-identically."""
     from flamingo_dist.training import checkpoint
@@ -190,7 +227,9 @@ def test_sigterm_saves_a_committed_checkpoint_and_the_resume_is_bit_identical(ta
         os.kill(proc.pid, signal.SIGTERM)
     elif target == "one rank":
         os.kill(max(trainers, key=lambda p: p.pid).pid, signal.SIGTERM)
-    else:
+    else:  # twice: the second arrives while the first is being served and must not cut the save short
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.3)
         os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     _, alive = psutil.wait_procs(procs, timeout=max(1.0, 60 - (time.time() - t0)))
@@ -422,3 +461,81 @@ def test_a_resume_whose_mlflow_run_is_gone_starts_a_new_run_linked_to_the_old(sy
     run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db").get_run(second)
     assert run.data.tags["resumed_from_run_id"] == first and run.info.status == "FINISHED"
     assert sorted(_losses(run_dir)) == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- a full disk
+def _tmpfs_works(mount: str) -> bool:
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mount}"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def _train_on_small_disk(tmp_path, corpus, mib: int, steps: int = 6):
+    """The user's entry point (one process) with its checkpoints on a `mib` MiB tmpfs, mounted in a
+    private mount namespace (`unshare -rm`); then, in the same namespace, what is committed there."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _tmpfs_works(str(disk)):
+        pytest.skip("no tmpfs: unshare -rm cannot mount here (needs user namespaces or root)")
+    ckpt = str(disk / "checkpoints")
+    train = [sys.executable, "-m", "flamingo_dist.train", "--deepspeed", "ds_configs/zero2.json",
+             "--set", f"train.steps={steps}", "--set", f"data.synthetic_dir={corpus}",
+             "--set", f"tracking.run_dir={tmp_path / 'run'}", "--set", "tracking.mlflow=false",
+             "--set", f"checkpoint.dir={ckpt}", "--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep_last=0"]
+    check = ("import sys, json, os; from flamingo_dist.training import checkpoint as c; "
+             "done = c.committed(sys.argv[1]); "
+             "ok = [all(c._sha256(os.path.join(p, f)) == h for f, h in "
+             "json.load(open(os.path.join(p, c.COMMIT)))['files'].items()) for p in done]; "
+             "print('COMMITTED', [p.rsplit('/', 1)[1] for p in done], 'INTACT', all(ok), "
+             "'PARTIAL', len(c.partial(sys.argv[1])))")
+    script = (f'mount -t tmpfs -o size={mib}m tmpfs {disk} && "$@"; echo "TRAIN_RC=$?"; '
+              f'{sys.executable} -c "{check}" {ckpt}')
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *train], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    rc = int(proc.stdout.split("TRAIN_RC=")[1].split()[0])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    return rc, errors, proc.stdout.split("TRAIN_RC=")[1], proc.stderr
+
+
+def test_a_full_disk_before_a_save_is_one_line_and_keeps_the_previous_checkpoint(synthetic_corpus, tmp_path):
+    """On a real 3 MiB tmpfs (the test skips, saying so, where it cannot mount one): step 2's
+    checkpoint (~2 MB) fits, step 4's would not: the run stops before writing it with one line
+    naming the path and the bytes, and step 2 is still committed and verifies."""
+    rc, errors, after, stderr = _train_on_small_disk(tmp_path, synthetic_corpus, 3)
+    assert rc == 1 and len(errors) == 1, stderr[-3000:]
+    assert "no space for checkpoint" in errors[0] and "step_00000004" in errors[0] and "bytes free" in errors[0]
+    assert "Traceback" not in stderr
+    assert "COMMITTED ['step_00000002'] INTACT True PARTIAL 0" in after, after
+
+
+def test_a_disk_that_fills_during_a_save_is_one_line_and_leaves_nothing_half_written(synthetic_corpus, tmp_path):
+    """On a 1 MiB tmpfs the first checkpoint does not fit: the write fails (torch says "file write
+    failed", no errno), which is one line saying no space is left, naming the path; the partial
+    folder is removed and nothing counts as committed."""
+    rc, errors, after, stderr = _train_on_small_disk(tmp_path, synthetic_corpus, 1)
+    assert rc == 1 and len(errors) == 1, stderr[-3000:]
+    assert "no space left on the device" in errors[0] and "step_00000002" in errors[0], errors[0]
+    assert "Traceback" not in stderr
+    assert "COMMITTED [] INTACT True PARTIAL 0" in after, after
+
+
+@pytest.mark.parametrize("launcher,sig", [("torchrun", signal.SIGTERM), ("python", signal.SIGINT)])
+def test_a_stop_signal_under_torchrun_and_to_a_plain_process_saves_too(launcher, sig, synthetic_corpus, tmp_path):
+    """SIGTERM to torchrun's process group, and Ctrl-C (SIGINT) to a plain `python` run: a committed
+    checkpoint at the step where they stopped, nothing left running, no KeyboardInterrupt traceback."""
+    from flamingo_dist.training import checkpoint
+
+    run_dir = str(tmp_path / "run")
+    proc = _train_until_running(run_dir, synthetic_corpus, 29730 + (launcher == "python"), launcher=launcher)
+    procs = _ranks(proc) + [psutil.Process(proc.pid)]
+    t0 = time.time()
+    os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=120)
+    _, alive = psutil.wait_procs(procs, timeout=max(1.0, 60 - (time.time() - t0)))
+    assert not alive, [p.cmdline() for p in alive]
+    committed = checkpoint.committed(os.path.join(run_dir, "checkpoints"))
+    stopped_at = max(_losses(run_dir))
+    assert len(committed) == 1 and committed[0].endswith(f"step_{stopped_at:08d}") and stopped_at < STEPS, out[-3000:]
+    assert "KeyboardInterrupt" not in out
+    if launcher == "python":
+        assert proc.returncode == 4, out[-3000:]

@@ -201,17 +201,81 @@ def _manifest_mismatch(saved: dict, now: dict) -> list[str]:
     return problems
 
 
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def partial(root: str) -> list[str]:
+    """Step folders without a commit marker (a save that was cut short), oldest first: never
+    resumed from; listed at start, removed once a newer checkpoint commits (`prune`)."""
+    if not os.path.isdir(root):
+        return []
+    dirs = [os.path.join(root, d) for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d)]
+    return sorted(d for d in dirs if not os.path.isfile(os.path.join(d, COMMIT)))
+
+
+def _space_problem(root: str, path: str) -> str | None:
+    """Rank 0, before a save: why the disk cannot take another checkpoint as large as the last
+    committed one (5% margin), or None."""
+    last = committed(root)[-1:]
+    need = dir_bytes(last[0]) if last else 0
+    free = shutil.disk_usage(root).free
+    if need and free < need * 1.05:
+        return (f"no space for checkpoint {path}: {free} bytes free on {root}, the last checkpoint took {need} "
+                f"bytes; free some space or set checkpoint.dir elsewhere, then --resume auto (the last "
+                f"checkpoint, {last[0]}, is intact)")
+    return None
+
+
+def _out_of_space(e: BaseException, path: str) -> bool:
+    """Did this write fail for a full disk? torch.save reports it as a RuntimeError without
+    errno ("file write failed", "basic_ios::clear: iostream error"): judged by what is left."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return "No space left" in str(e) or shutil.disk_usage(path).free < 64 * 2**20
+    except OSError:
+        return False
+
+
 def save(trainer, root: str) -> str:
-    """Collective: write and commit the checkpoint of trainer's current step."""
+    """Collective: write and commit the checkpoint of trainer's current step. A disk that cannot
+    take it is one CheckpointError (checked before writing against the last checkpoint's size,
+    and when a write fails for lack of space); the earlier checkpoints are untouched."""
     lay, step = trainer.layout, trainer.state.step
     path = step_dir(root, step)
+    box: list = [None]
     if lay.rank == 0:
         if os.path.isfile(os.path.join(path, COMMIT)):  # e.g. after resuming an older one explicitly
             os.rename(path, f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")  # never delete committed work
         elif os.path.isdir(path):  # an uncommitted leftover of a crash at this step
             shutil.rmtree(path)
-        os.makedirs(path)
-    dist.barrier()
+        os.makedirs(root, exist_ok=True)
+        box[0] = _space_problem(root, path)
+        if box[0] is None:
+            os.makedirs(path)
+    dist.broadcast_object_list(box, src=0)  # also the barrier: the folder exists
+    if box[0]:
+        raise CheckpointError(box[0])
+    try:
+        _write(trainer, path, step)
+    except (OSError, RuntimeError) as e:
+        if not _out_of_space(e, path):
+            raise
+        last = committed(root)[-1:]
+        shutil.rmtree(path, ignore_errors=True)  # give the space back; it was never committed
+        raise CheckpointError(
+            f"no space left on the device writing checkpoint {path} ({shutil.disk_usage(root).free} bytes free"
+            + (f"; the last checkpoint took {dir_bytes(last[0])} bytes" if last else "")
+            + "): free some space or set checkpoint.dir elsewhere, then --resume auto"
+            + (f" (the last checkpoint, {last[0]}, is intact)" if last else "")) from None
+    return path
+
+
+def _write(trainer, path: str, step: int) -> None:
+    lay = trainer.layout
     trainer.engine.save_checkpoint(path, tag="ds", save_latest=False, exclude_frozen_parameters=True)
     torch.save({"rng": rng_state()}, os.path.join(path, f"rank{lay.rank}.pt"))
     own = trainer.state_dict()  # collective: every stream's data position, from its owner
@@ -233,7 +297,6 @@ def save(trainer, root: str) -> str:
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(path, COMMIT))
     dist.barrier()
-    return path
 
 
 def verify(path: str) -> None:
@@ -422,25 +485,30 @@ def load(trainer, path: str) -> None:
 
 
 def prune(root: str, keep_last: int, keep_every: int, rank: int) -> threading.Thread | None:
-    """Delete committed checkpoints beyond the newest keep_last (except every keep_every-th step)
-    in a background thread on rank 0, so deleting never blocks training; failures are logged,
-    never raised."""
-    if rank != 0 or keep_last <= 0:
+    """Delete committed checkpoints beyond the newest keep_last (except every keep_every-th step),
+    and partial folders older than the newest commit, in a background thread on rank 0, so
+    deleting never blocks training; failures are logged, never raised."""
+    if rank != 0:
         return None
-    old = committed(root)[:-keep_last]
+    done = committed(root)
+    old = done[:-keep_last] if keep_last > 0 else []
+
+    def step_of(path: str) -> int:
+        return int(os.path.basename(path).split("_")[1])
 
     def keep(path: str) -> bool:
-        step = int(os.path.basename(path).split("_")[1])
-        return keep_every > 0 and step % keep_every == 0
+        return keep_every > 0 and step_of(path) % keep_every == 0
 
     doomed = [p for p in old if not keep(p)]
+    doomed += [p for p in partial(root) if done and step_of(p) < step_of(done[-1])]
     if not doomed:
         return None
 
     def work() -> None:
         for p in doomed:
             try:
-                os.remove(os.path.join(p, COMMIT))  # uncommit first: a half-deleted one never counts
+                if os.path.isfile(os.path.join(p, COMMIT)):
+                    os.remove(os.path.join(p, COMMIT))  # uncommit first: a half-deleted one never counts
                 shutil.rmtree(p)
             except OSError as e:
                 print(f"[flamingo_dist] could not delete old checkpoint {p}: {e}", flush=True)

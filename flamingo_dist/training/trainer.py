@@ -82,6 +82,7 @@ class Trainer:
             self.log(note)
         ds_config = self.ds_config = resolve_ds_config(self.ds_config_path, cfg, lay.dp_size)
         resume_from = self._pick_resume(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
+        self._report_partial_checkpoints()
         if feed is None:
             self.sources, self.val_shards, tok_dir = self._data_sources()
             self.tokenizer = load_tokenizer(tok_dir, cfg.model.lm.vocab_size)
@@ -153,6 +154,19 @@ class Trainer:
         dist.broadcast_object_list(box, src=0)
         if box[0]:
             raise ConfigError(box[0])
+
+    def _report_partial_checkpoints(self) -> None:
+        """Rank 0: name the step folders a cut-short save left (never resumed from; `prune` removes
+        them once a newer checkpoint commits)."""
+        from flamingo_dist.config.schema import checkpoint_dir
+        from flamingo_dist.training import checkpoint
+
+        root = checkpoint_dir(self.cfg)
+        left = checkpoint.partial(root) if self.layout.rank == 0 else []
+        if left:
+            sizes = ", ".join(f"{os.path.basename(p)} ({checkpoint.dir_bytes(p) / 1e6:.1f} MB)" for p in left)
+            self.log(f"warning: {len(left)} partial checkpoint folder(s) in {root}, without a commit marker (a save "
+                     f"cut short; never resumed from, removed once a newer checkpoint commits): {sizes}")
 
     def _pick_resume(self, spec: str) -> str | None:
         """The checkpoint to resume (collective: verified), checked against this run's config
