@@ -78,6 +78,10 @@ def _planted_pickles(layout, corpus, run_dir, marker_dir):
         out["changed"] = None
     except checkpoint.CheckpointError as e:
         out["changed"] = str(e)
+    logs = []  # a changed data order is allowed, and named in one warning
+    capture_logs("flamingo_dist.training.checkpoint", logs)
+    make_trainer(layout, corpus, run_dir, 2, "train.steps=4", "checkpoint.resume=auto", "train.seed=7")
+    out["data_order"] = [line for line in logs if "data order differs" in line]
     return out
 
 
@@ -85,6 +89,8 @@ def test_a_planted_pickle_never_runs_and_is_refused(synthetic_corpus, tmp_path):
     (out,) = run_distributed(_planted_pickles, 1, 1, tmp_path / "out", synthetic_corpus, str(tmp_path / "run"),
                              str(tmp_path))
     changed = out.pop("changed")
+    data_order = out.pop("data_order")
+    assert len(data_order) == 1 and "train.seed: 1234 -> 7" in data_order[0], data_order
     assert changed is not None and "\n" not in changed
     assert "model.resampler.depth: 2 -> 1" in changed and "before layers [0, 1] -> [0]" in changed, changed
     for rel, r in out.items():
