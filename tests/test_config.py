@@ -34,6 +34,9 @@ def run_train(*args, env=None):
     (["eval.synthetic_tasks=[synthetic_vqa]"], "eval.synthetic_tasks"),
     (["eval.attribute_words={color: red}"], "eval.attribute_words"),
     (["model.vision.pretrained=/some/vit.pt"], "model.synthetic_backbones"),
+    (["train.spike_rollback=true"], "needs checkpoints to roll back to"),
+    (["train.spike_rollback=true", "checkpoint.every_steps=10", "checkpoint.keep_last=1"], "keep_last >= 2"),
+    (["train.hang_timeout_s=-1"], "train.hang_timeout_s"),
 ])
 def test_entry_point_fails_at_once_naming_the_field(sets, field):
     code, err = run_train("--deepspeed", "ds_configs/zero2.json", *[a for s in sets for a in ("--set", s)])

@@ -545,3 +545,17 @@ def test_a_stop_signal_under_torchrun_and_to_a_plain_process_saves_too(launcher,
     assert "KeyboardInterrupt" not in out
     if launcher == "python":
         assert proc.returncode == 4, out[-3000:]
+
+
+
+def test_a_signal_after_training_ended_ends_the_process_at_once(tmp_path):
+    """Once training is over (finished, stopped after its save, or failed) a signal is no longer a
+    stop-and-save: a launcher that kills the remaining ranks after one failed (srun
+    --kill-on-bad-exit, deepspeed's launch) must not leave them waiting for a step boundary that
+    never comes (seen: a failed SLURM job's surviving rank lived on for the 10-minute grace)."""
+    code = ("import os, signal, time; from flamingo_dist.distributed.slurm import StopFlag; "
+            "f = StopFlag().install(); f.arm(); f.disarm(); os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and time.time() - t0 < 20, (proc.returncode, proc.stderr)
+    assert "stopped by SIGTERM after training ended" in proc.stderr

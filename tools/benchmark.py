@@ -77,7 +77,11 @@ def main(argv=None) -> int:
         if layout.device.type == "cuda":
             torch.cuda.synchronize()
 
+    trainer.start_watchdog()  # as in training (train.hang_timeout_s=0: off), each step under its limit
+    limit = cfg.train.hang_timeout_s
+
     for _ in range(args.warmup):
+        trainer.phase("step", cfg.train.hang_timeout_first_step_s)
         trainer.train_step()
     sync()
     if layout.device.type == "cuda":
@@ -86,6 +90,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     labelled_tokens = images = 0.0
     for _ in range(args.steps):
+        trainer.phase("step", limit)
         m = trainer.train_step()
         labelled_tokens += m["tokens_per_s"] * m["step_time_s"]
         images += m["images_per_s"] * m["step_time_s"]

@@ -263,6 +263,17 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
     need(ck.every_minutes >= 0, "checkpoint.every_minutes: must be >= 0")
     need(ck.keep_last >= 0, "checkpoint.keep_last: must be >= 0")
     need(ck.keep_every >= 0, "checkpoint.keep_every: must be >= 0")
+    for name in ("hang_timeout_s", "hang_timeout_first_step_s", "hang_timeout_save_s", "stop_grace_s"):
+        need(getattr(t, name) >= 0, f"train.{name}: must be >= 0 (0: off)")
+    if t.spike_rollback:
+        need(bool(ck.every_steps or ck.every_minutes), "train.spike_rollback: needs checkpoints to roll back to "
+             "(checkpoint.every_steps or checkpoint.every_minutes)")
+        need(ck.keep_last == 0 or ck.keep_last >= 2, "train.spike_rollback: needs checkpoint.keep_last >= 2 (or 0: "
+             "keep all), so that a checkpoint older than a spike is still there")
+        need(t.spike_factor > 1, "train.spike_factor: must be > 1")
+        need(t.spike_window >= t.spike_min_history >= 1, "train.spike_window >= train.spike_min_history >= 1")
+        need(t.spike_steps >= 1 and t.max_rollbacks >= 1 and t.rollback_window_steps >= 1,
+             "train.spike_steps, train.max_rollbacks, train.rollback_window_steps: must be >= 1")
     if ck.resume not in (None, "auto") and not os.path.isdir(ck.resume):
         errors.append(f"checkpoint.resume: {ck.resume} is neither 'auto' nor a checkpoint directory")
     d = cfg.data

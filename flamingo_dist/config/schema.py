@@ -229,6 +229,33 @@ class TrainConfig:
     log_every: int = 1
     """Log metrics every this many steps. A logged step also reads the gate values and the data
     counters back from the device; the others read it once (the step's decisions and loss)."""
+    hang_timeout_s: float = 1800.0
+    """The hang watchdog (training/watchdog.py): an optimizer step (with its logging) that has not
+    finished after this many seconds is a hang: every rank writes its stacks and last collective
+    to <run_dir>/hang/, the job is requeued under SLURM, and the process exits with status 5
+    (tools/hang_report.py reads what was written). 0 turns the watchdog off."""
+    hang_timeout_first_step_s: float = 3600.0
+    """The same for the first step after a start or resume (compilation, data warm-up)."""
+    hang_timeout_save_s: float = 3600.0
+    """The same for a checkpoint save, a validation and an evaluation."""
+    spike_rollback: bool = False
+    """Roll back loss spikes (docs/operations.md): when the loss exceeds spike_factor times the
+    median of the last spike_window step losses for spike_steps steps in a row (or is not finite
+    for max_consecutive_skipped_steps steps), every rank reloads the newest committed checkpoint
+    older than the spike, skips the data read since, and goes on. Needs checkpoints
+    (checkpoint.every_steps or every_minutes) and keep_last >= 2."""
+    spike_factor: float = 3.0
+    """A step's loss above this times the running median is a spike."""
+    spike_window: int = 100
+    """Steps whose losses make the running median (judging starts once spike_min_history are in)."""
+    spike_min_history: int = 10
+    """Steps of loss history before any step is judged a spike."""
+    spike_steps: int = 2
+    """Consecutive spiking steps that trigger a rollback."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed within rollback_window_steps steps; one more stops the run with one line."""
+    rollback_window_steps: int = 1000
+    """The window of max_rollbacks, in steps run (rolled-back steps count)."""
     stop_grace_s: float = 600.0
     """After a stop signal (SIGTERM, SIGINT, SIGUSR1/2) or the death of the launcher, the ranks
     save a committed checkpoint at the end of the step and exit; a rank still alive this many

@@ -83,15 +83,16 @@ class StopFlag:
     """Records that a stop signal arrived; nothing else happens in the handler once training runs
     (`arm`): the trainer's per-step read carries the flag to every rank, they save one committed
     checkpoint together and exit. A second signal changes nothing (the save in progress finishes
-    and commits). Before `arm` nothing has been trained that a checkpoint would keep, so a signal
-    ends the process at once with one line. After the first stop request a timer ends the process
-    if it is still alive `grace_s` later (peers dead, a collective that never returns): what was
-    committed before stays the resume point."""
+    and commits). Before `arm` nothing has been trained that a checkpoint would keep, and after
+    `disarm` training is over: then a signal ends the process at once with one line. After the
+    first stop request a timer ends the process if it is still alive `grace_s` later (peers dead,
+    a collective that never returns): what was committed before stays the resume point."""
 
     def __init__(self, grace_s: float = 900.0) -> None:
         self.signum: int | None = None
         self.reason: str | None = None
         self.armed = False
+        self.trained = False  # disarmed after training
         self.grace_s = grace_s
         self._timer: threading.Timer | None = None
 
@@ -108,16 +109,23 @@ class StopFlag:
         if self.raised:
             self._start_grace()
 
+    def disarm(self) -> None:
+        """Training is over (finished, stopped after its save, or failed): a signal now ends the
+        process at once. (A launcher that kills the others when one rank fails sends SIGTERM
+        to ranks that are already on their way out: they must not wait for a step boundary.)"""
+        self.armed, self.trained = False, True
+
     def _handler(self, signum, frame) -> None:
         self.request(signal.Signals(signum).name, signum)
 
     def request(self, reason: str, signum: int = signal.SIGTERM) -> None:
         """A stop: from a signal handler or from the launcher watch (any thread)."""
+        if not self.armed:
+            when = "after training ended" if self.trained else "before training started"
+            print(f"stopped by {reason} {when}: nothing (more) to save", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
         if self.raised:
             return  # the first request is being served: a second one must not cut the save short
-        if not self.armed:
-            print(f"stopped by {reason} before training started: nothing to save", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
         self.signum, self.reason = signum, reason
         log.warning(f"stop requested ({reason}): saving a checkpoint at the end of this step, then exiting")
         self._start_grace()

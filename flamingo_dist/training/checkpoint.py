@@ -507,6 +507,20 @@ def load(trainer, path: str) -> None:
     trainer.load_state_dict(meta)
 
 
+def rollback(trainer, path: str) -> dict:
+    """Collective, mid-run: restore the engine (weights, optimizer, scheduler) and RNG of the
+    verified checkpoint `path` at this run's layout; the data feed is left where it is (what was
+    read since is skipped). Returns the checkpoint's trainer.json (counters, data position)."""
+    verify(path)
+    with open(os.path.join(path, "trainer.json")) as f:
+        meta = json.load(f)
+    with _safely():
+        _load_engine(trainer, path, meta)
+        own = torch.load(os.path.join(path, f"rank{trainer.layout.rank}.pt"), weights_only=True)
+    set_rng_state(own["rng"])
+    return meta
+
+
 def prune(root: str, keep_last: int, keep_every: int, rank: int) -> threading.Thread | None:
     """Delete committed checkpoints beyond the newest keep_last (except every keep_every-th step),
     and partial folders older than the newest commit, in a background thread on rank 0, so

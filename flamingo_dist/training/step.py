@@ -80,6 +80,7 @@ class StepRead:
     tokens: list[float]
     images: list[float]
     documents: list[float]
+    rank_seconds: list[float] | None = None  # each rank's host time in the step outside collectives (stragglers)
 
     @property
     def skip(self) -> bool:
@@ -88,10 +89,12 @@ class StepRead:
 
 
 def read_step(step: StepBatches, losses: list[torch.Tensor], norm_sq: torch.Tensor | None, num_sources: int,
-              flags: tuple[bool, bool, bool], tp_size: int, world_size: int, device) -> StepRead:
+              flags: tuple[bool, bool, bool], tp_size: int, world_size: int, device,
+              own_seconds: tuple[int, float] | None = None) -> StepRead:
     """The one per-step read. `losses`: each micro-batch's mean loss (detached, on the device);
     `norm_sq`: this rank's share of the squared gradient norm, or None (not ours to take);
-    `flags`: this rank's (stop signal, timed checkpoint due, data error)."""
+    `flags`: this rank's (stop signal, timed checkpoint due, data error); `own_seconds`: (this
+    rank, its host seconds in the step outside collectives), one slot per rank in the vector."""
     n, J = num_sources, len(losses)
     # host numbers in one copy: per micro-batch its labelled tokens in its source's column, then
     # the flags and this rank's tokens, images and documents per source
@@ -101,7 +104,10 @@ def read_step(step: StepBatches, losses: list[torch.Tensor], norm_sq: torch.Tens
         onehot[j * n + s] = float(step.tokens[j])
         for k, value in enumerate((step.tokens[j], step.images[j], step.documents[j])):
             per_source[k][s] += value
-    host = torch.tensor(onehot + [float(f) for f in flags] + [v for row in per_source for v in row],
+    per_rank = [0.0] * (world_size if own_seconds is not None else 0)
+    if own_seconds is not None:
+        per_rank[own_seconds[0]] = own_seconds[1]
+    host = torch.tensor(onehot + [float(f) for f in flags] + [v for row in per_source for v in row] + per_rank,
                         dtype=torch.float64, device=device)
     loss_J = torch.stack(losses).to(torch.float64)
     finite_J = torch.isfinite(loss_J)
@@ -112,12 +118,14 @@ def read_step(step: StepBatches, losses: list[torch.Tensor], norm_sq: torch.Tens
         dist.all_reduce(vec)
     v = vec.tolist()  # the step's one read
     # v: squared norm, non-finite losses, loss sums [n], stop, save due, data error, tokens [n],
-    # images [n], documents [n]; what every TP rank holds alike was summed tp_size times
-    same = [x / tp_size for x in v[2: 2 + n] + v[5 + n:]]
+    # images [n], documents [n], then one slot per rank; what every TP rank holds alike was summed
+    # tp_size times
+    ranks = v[len(v) - len(per_rank):] if per_rank else None
+    same = [x / tp_size for x in v[2: 2 + n] + v[5 + n: len(v) - len(per_rank)]]
     return StepRead(grad_norm=math.sqrt(v[0]) if norm_sq is not None else None,
                     non_finite_losses=int(round(v[1] / tp_size)), stop=v[2 + n] > 0, save_due=v[3 + n] > 0,
                     data_error=v[4 + n] > 0, loss_sums=same[:n], tokens=same[n: 2 * n], images=same[2 * n: 3 * n],
-                    documents=same[3 * n:])
+                    documents=same[3 * n:], rank_seconds=ranks)
 
 
 def step_metrics(read: StepRead, weights: list[float], names: list[str], lr: float, grad_norm: float,
@@ -135,6 +143,11 @@ def step_metrics(read: StepRead, weights: list[float], names: list[str], lr: flo
         "skipped_steps": float(skipped_steps),
         "step_applied": float(applied),
     }
+    if read.rank_seconds:  # stragglers: the slowest rank's own work against the fastest's
+        slowest = max(range(len(read.rank_seconds)), key=read.rank_seconds.__getitem__)
+        metrics["rank_time/max_s"] = read.rank_seconds[slowest]
+        metrics["rank_time/min_s"] = min(read.rank_seconds)
+        metrics["rank_time/slowest_rank"] = float(slowest)
     if len(names) > 1 or names[0] != "main":
         for i, name in enumerate(names):
             metrics[f"loss/{name}"] = loss[i] if not bad else float("nan")

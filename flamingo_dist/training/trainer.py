@@ -11,10 +11,14 @@ logged steps only.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -38,6 +42,7 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_skipped: int = 0
     tokens_seen: int = 0
+    rollbacks: int = 0  # loss-spike rollbacks so far (train.spike_rollback)
 
 
 def _dtype(cfg: JobConfig) -> torch.dtype:
@@ -51,6 +56,8 @@ class Trainer:
         self.ds_config_path = ds_config_path
         self.tracker = None
         self.run_lock = None  # rank 0: the run directory's lock (training/run_lock.py), held until close()
+        self.watchdog = None  # training/watchdog.py: started by train() unless train.hang_timeout_s is 0
+        self.collectives = None  # training/watchdog.py CollectiveLog: the last collective, time inside them
         self.run_id: str | None = None  # the MLflow run, kept across resumes
         self.saved_data: dict | None = None  # the data position of the checkpoint resumed from
         self.feed = None  # flamingo_dist.data.feed.DataFeed: batches of every source
@@ -61,6 +68,10 @@ class Trainer:
         self.fused_step = None  # training.zero_step.FusedZeroStep: our ZeRO step, when it applies
         self.last_read: StepRead | None = None  # what the last step's one read returned
         self._last_save = (0, time.time())  # (step, time) of the last checkpoint, or of the start
+        self._losses: collections.deque = collections.deque()  # recent step losses (spike detection)
+        self._spiking: list[int] = []  # the steps of the current run of spiking losses
+        self._steps_run = 0  # optimizer steps run by this process, rolled-back ones included
+        self._rollback_at: list[int] = []  # _steps_run of each rollback (the loop limit)
 
     # ---------------------------------------------------------------- build
     def build(self, track: bool = True, feed=None) -> "Trainer":
@@ -75,6 +86,10 @@ class Trainer:
         from flamingo_dist.training.engine import parallelize
 
         cfg, lay = self.cfg, self.layout
+        if cfg.train.hang_timeout_s > 0:  # before DeepSpeed keeps references to torch's collectives
+            from flamingo_dist.training.watchdog import install_collective_log
+
+            self.collectives = install_collective_log()
         self._lock_run_dir()
         self.synthetic_backbones = cfg.model.synthetic_backbones  # resolving points the LM and ViT into it
         self._on_writers(self._build_backbones)
@@ -151,6 +166,8 @@ class Trainer:
                 self.run_lock = RunLock(self.cfg.tracking.run_dir).acquire()
             except RunDirectoryBusy as e:
                 box[0] = str(e)
+            else:
+                self._set_aside_hang_reports()
         dist.broadcast_object_list(box, src=0)
         if box[0]:
             raise ConfigError(box[0])
@@ -167,6 +184,38 @@ class Trainer:
             sizes = ", ".join(f"{os.path.basename(p)} ({checkpoint.dir_bytes(p) / 1e6:.1f} MB)" for p in left)
             self.log(f"warning: {len(left)} partial checkpoint folder(s) in {root}, without a commit marker (a save "
                      f"cut short; never resumed from, removed once a newer checkpoint commits): {sizes}")
+
+    def _set_aside_hang_reports(self) -> None:
+        """Rank 0, holding the run directory: an earlier hang's reports go to hang-<time>/ (kept
+        for reading; a new hang writes a fresh hang/)."""
+        from flamingo_dist.training.watchdog import HANG_DIR
+
+        old = os.path.join(self.cfg.tracking.run_dir, HANG_DIR)
+        if os.path.isdir(old):
+            aside = f"{old}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(os.path.getmtime(old)))}"
+            os.rename(old, aside if not os.path.exists(aside) else f"{aside}-{os.getpid()}")
+            self.log(f"the reports of an earlier hang are in {aside} (python tools/hang_report.py {aside})")
+
+    def start_watchdog(self) -> None:
+        """The hang watchdog's thread (training/watchdog.py), unless train.hang_timeout_s is 0."""
+        if self.cfg.train.hang_timeout_s > 0 and self.watchdog is None:
+            from flamingo_dist.training.watchdog import Watchdog
+
+            self.watchdog = Watchdog(self.cfg.tracking.run_dir, self.layout.rank, self.layout.world_size).start()
+
+    @contextlib.contextmanager
+    def _watched(self, name: str):
+        """A validation or evaluation under its own limit; then the step's limit again."""
+        self.phase(name, self.cfg.train.hang_timeout_save_s)
+        try:
+            yield
+        finally:
+            self.phase(f"step (after {name})", self.cfg.train.hang_timeout_s)
+
+    def phase(self, name: str, limit_s: float) -> None:
+        """Tell the hang watchdog where this rank is (no-op without one)."""
+        if self.watchdog is not None:  # a step is reported by the number it will have once done
+            self.watchdog.phase(name, self.state.step + (name == "step"), limit_s)
 
     def _pick_resume(self, spec: str) -> str | None:
         """The checkpoint to resume (collective: verified), checked against this run's config
@@ -208,7 +257,8 @@ class Trainer:
         from flamingo_dist.training import checkpoint
 
         root = checkpoint_dir(self.cfg)
-        path = checkpoint.save(self, root)
+        with self._watched("save"):
+            path = checkpoint.save(self, root)
         self._last_save = (self.state.step, time.time())
         self.log(f"checkpoint committed: {path}")
         checkpoint.prune(root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every, self.layout.rank)
@@ -395,22 +445,33 @@ class Trainer:
         self._last_save = (self.state.step, time.time())
         if self.stop_flag is not None:
             self.stop_flag.arm(t.stop_grace_s)  # from here a stop signal saves before the process ends
+        self.start_watchdog()
+        first = True
         try:
             if self.cfg.eval.at_start and self.state.step == 0:
                 self._validate_and_log()
                 if self.cfg.eval.every_steps:
-                    self.evaluate()
+                    with self._watched("evaluation"):
+                        self.evaluate()
             while self.state.step < t.steps:
+                self.phase("step", t.hang_timeout_first_step_s if first else t.hang_timeout_s)
+                first = False
                 metrics = self.train_step()
                 progress.update(self.state.step, metrics)
                 if self.cfg.data.val_every_steps and self.state.step % self.cfg.data.val_every_steps == 0:
                     self._validate_and_log()
+                if t.spike_rollback:
+                    metrics["rollbacks"] = float(self.state.rollbacks)
                 if self.state.step % t.log_every == 0:  # reads of the device on logged steps only
                     metrics.update(self.gate_values())  # a collective under ZeRO-3: same steps on all ranks
                     metrics.update(self.feed.counters())
                     self._write_metrics(metrics)
                     if self.tracker is not None:
                         self.tracker.log_metrics(metrics, self.state.step)
+                spike = self._spike(metrics["loss"])
+                if spike is not None:
+                    self._rollback(*spike)
+                    continue
                 if self.state.consecutive_skipped >= t.max_consecutive_skipped_steps:
                     raise TrainingStopped(
                         f"{self.state.consecutive_skipped} optimizer steps in a row had a non-finite loss or "
@@ -418,7 +479,8 @@ class Trainer:
                         "stopping. Lower train.lr, check the data, or try train.precision: fp32 to debug.")
                 ev = self.cfg.eval
                 if ev.every_steps and self.state.step % ev.every_steps == 0:
-                    self.evaluate()
+                    with self._watched("evaluation"):
+                        self.evaluate()
                 if self._save_due():
                     self.save_checkpoint()
                 if self.state.step < t.steps and self._stop_requested():  # the last step just finishes
@@ -431,11 +493,77 @@ class Trainer:
                 self.save_checkpoint()
         finally:
             progress.close()
+            self.phase("done", 0)
+            if self.stop_flag is not None:
+                self.stop_flag.disarm()  # finished, stopped after its save, or failed: a signal now just ends it
         return self.state
+
+    def _spike(self, loss: float) -> tuple[str, int] | None:
+        """(why, the first spiking step) when a rollback is due after this step, else None.
+        Decided from the step's one read (the same numbers on every rank: no collective)."""
+        t, st = self.cfg.train, self.state
+        if not t.spike_rollback:
+            return None
+        if st.consecutive_skipped >= t.max_consecutive_skipped_steps:
+            return (f"{st.consecutive_skipped} steps in a row with a non-finite loss or gradient",
+                    st.step - st.consecutive_skipped + 1)
+        if not math.isfinite(loss):
+            return None  # counted as a skipped step above
+        if len(self._losses) >= t.spike_min_history:
+            median = statistics.median(self._losses)
+            if loss > t.spike_factor * median:
+                self._spiking.append(st.step)
+                if len(self._spiking) >= t.spike_steps:
+                    return (f"loss {loss:.4g} above {t.spike_factor:g} x the running median {median:.4g} for "
+                            f"{len(self._spiking)} step(s)", self._spiking[0])
+                return None
+        self._spiking = []
+        self._losses.append(loss)
+        while len(self._losses) > t.spike_window:
+            self._losses.popleft()
+        return None
+
+    def _rollback(self, why: str, first_bad: int) -> None:
+        """Collective: back to the newest committed checkpoint before `first_bad`, skipping the data
+        read since (the feed goes on from where it is); the loop limit stops the run in one line."""
+        from flamingo_dist.config.schema import checkpoint_dir
+        from flamingo_dist.training import checkpoint
+
+        t, st = self.cfg.train, self.state
+        bad = st.step
+        recent = [s for s in self._rollback_at if self._steps_run - s < t.rollback_window_steps]
+        if len(recent) >= t.max_rollbacks:
+            raise TrainingStopped(f"step {bad}: {why}, and {len(recent)} rollbacks already happened in the last "
+                                  f"{t.rollback_window_steps} steps (train.max_rollbacks {t.max_rollbacks}); stopping. "
+                                  "Lower train.lr or look at the data after the last checkpoint.")
+        root = checkpoint_dir(self.cfg)
+        before = [p for p in checkpoint.committed(root) if int(os.path.basename(p).split("_")[1]) < first_bad]
+        if not before:
+            raise TrainingStopped(f"step {bad}: {why}, but no committed checkpoint before step {first_bad} to roll back "
+                                  "to (train.spike_rollback needs checkpoint.every_steps or every_minutes, and "
+                                  "checkpoint.keep_last >= 2)")
+        slot_now = self.feed.slots()
+        with self._watched("rollback"):
+            meta = checkpoint.rollback(self, before[-1])
+        fields = {f.name for f in dataclasses.fields(TrainState)} - {"rollbacks"}
+        self.state = TrainState(**{k: v for k, v in meta.items() if k in fields}, rollbacks=st.rollbacks + 1)
+        self._rollback_at.append(self._steps_run)
+        self._spiking = []
+        self._last_save = (self.state.step, time.time())
+        record = {"rollback/from_step": float(bad), "rollback/to_step": float(self.state.step),
+                  "rollback/skipped_slots_from": float(meta["data"]["slots"]),
+                  "rollback/skipped_slots_to": float(slot_now), "rollbacks": float(self.state.rollbacks)}
+        self.log(f"rollback {self.state.rollbacks}: step {bad}: {why}; back to {before[-1]} (step {self.state.step}); "
+                 f"skipping data slots {meta['data']['slots']}..{slot_now - 1}, read by steps "
+                 f"{self.state.step + 1}..{bad}")
+        self._write_metrics(record)
+        if self.tracker is not None:
+            self.tracker.log_metrics(record, bad)
 
     def _validate_and_log(self) -> None:
         if self.cfg.data.val_every_steps:
-            val = self.validate()
+            with self._watched("validation"):
+                val = self.validate()
             self._write_metrics(val)
             if self.tracker is not None:
                 self.tracker.log_metrics(val, self.state.step)
@@ -467,12 +595,14 @@ class Trainer:
         """One optimizer step: grad_accum_steps micro-batches of every source (training/step.py
         for each piece). Reads the device once, after the last backward."""
         t0 = time.perf_counter()
+        self._steps_run += 1
+        inside0 = self.collectives.seconds_inside if self.collectives is not None else 0.0
         index = {src.name: i for i, src in enumerate(self.sources)}
         drawn = self.feed.step_batches(self.cfg.train.grad_accum_steps)
         batches = account([(index[src.name], b) for src, b in drawn], len(self.sources),
                           [src.weight for src in self.sources], self.layout.dp_size, self.dp_group, self.device)
         losses = self._forward_backward(batches)
-        read = self.last_read = self._read(batches, losses)
+        read = self.last_read = self._read(batches, losses, self._own_seconds(t0, inside0))
         applied, grad_norm = self._apply(read)
         self._count(read, applied)
         return step_metrics(read, [src.weight for src in self.sources], [src.name for src in self.sources],
@@ -494,13 +624,22 @@ class Trainer:
             losses.append(loss.detach())
         return losses
 
-    def _read(self, batches, losses) -> StepRead:
+    def _own_seconds(self, t0: float, inside0: float) -> tuple[int, float] | None:
+        """(rank, host seconds of this step so far outside collectives): a straggler's is the
+        largest (the others wait for it inside collectives). None without the collective log."""
+        if self.collectives is None or self.layout.world_size == 1:
+            return None
+        inside = self.collectives.seconds_inside - inside0
+        return self.layout.rank, max(0.0, time.perf_counter() - t0 - inside)
+
+    def _read(self, batches, losses, own_seconds=None) -> StepRead:
         """The one per-step read (training/step.py `read_step`)."""
         lay = self.layout
         norm_sq = self.fused_step.grad_norm_sq(self.device) if self.fused_step is not None else None
         flags = (self.stop_flag is not None and self.stop_flag.raised, self._timed_save_due_here(),
                  self.feed.error is not None)
-        return read_step(batches, losses, norm_sq, len(self.sources), flags, lay.tp_size, lay.world_size, self.device)
+        return read_step(batches, losses, norm_sq, len(self.sources), flags, lay.tp_size, lay.world_size, self.device,
+                         own_seconds=own_seconds)
 
     def _apply(self, read: StepRead) -> tuple[bool, float]:
         """The optimizer step as the read decided: (applied, gradient norm)."""
@@ -548,6 +687,11 @@ class Trainer:
     def close(self, status: str = "FINISHED") -> None:
         if self.tracker is not None:
             self.tracker.close(status)
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+        if getattr(self.feed, "close", None) is not None:  # a benchmark's feed may have no workers to close
+            self.feed.close()
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
