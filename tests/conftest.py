@@ -54,7 +54,7 @@ def synthetic_backbones():
 MULTIPROCESS_MODULES = {"test_launch", "test_slurm_cluster", "test_checkpoint", "test_export_tool", "test_learning",
                         "test_trainer", "test_eval_fewshot", "test_mixture", "test_train_on_shards", "test_demo",
                         "test_tp", "test_generate", "test_import_idefics", "test_hf_llama", "test_zero_step",
-                        "test_zero3", "test_plan", "test_faults"}
+                        "test_zero3", "test_plan", "test_faults", "test_hangs", "test_rollback"}
 
 
 def pytest_collection_modifyitems(config, items):
