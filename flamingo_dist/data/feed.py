@@ -8,8 +8,6 @@ digest of its shard list, "states": {stream: state after its last consumed batch
 
 from __future__ import annotations
 
-import atexit
-
 import dataclasses
 import os
 from typing import Optional
@@ -90,12 +88,6 @@ class DataFeed:
                                                      pin_memory=torch.device(device).type == "cuda"))
         self.drawn = 0  # micro-batches drawn per source by this process
         self.error: Optional[str] = None
-        if d.num_workers > 0:
-            # the workers ignore SIGTERM (slurm.ignore_stop_signals: a stop signal to the process group
-            # must leave them serving until the save), so multiprocessing's exit handler, which
-            # terminates and then joins them, must not find them running: shut them down first
-            # (atexit runs the last-registered handler first)
-            atexit.register(self.close)
 
     def close(self) -> None:
         """Shut the loader workers down (each is told to stop and joined); idempotent."""

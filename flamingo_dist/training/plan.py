@@ -490,7 +490,9 @@ def collectives(profile: ModelProfile, layout: Layout, zs: ZeroSettings, precisi
             _add(out, f"reduce_scatter_tensor/{d}", ga * P * shards["all"] * d, 0)
         _add(out, f"all_reduce/{d}", 4 * num_sources, 1)  # training/step.py account: labelled tokens per source
     if world > 1:
-        _add(out, f"all_reduce/{world}", 8 * (5 + 4 * num_sources), 1)  # training/step.py read_step: the one read
+        # training/step.py read_step: the one read, with one float per rank (each rank's time outside
+        # collectives: the straggler measure, there unless train.hang_timeout_s is 0)
+        _add(out, f"all_reduce/{world}", 8 * (5 + 4 * num_sources + world), 1)
     return out
 
 
