@@ -79,7 +79,7 @@ def _planted_pickles(layout, corpus, run_dir, marker_dir):
     except checkpoint.CheckpointError as e:
         out["changed"] = str(e)
     logs = []  # a changed data order is allowed, and named in one warning
-    capture_logs("flamingo_dist.training.checkpoint", logs)
+    capture_logs("flamingo_dist.training.resume_config", logs)
     make_trainer(layout, corpus, run_dir, 2, "train.steps=4", "checkpoint.resume=auto", "train.seed=7")
     out["data_order"] = [line for line in logs if "data order differs" in line]
     return out

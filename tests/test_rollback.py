@@ -71,3 +71,24 @@ def test_a_spike_that_keeps_coming_stops_at_the_rollback_limit_in_one_line(synth
                  "train.max_rollbacks=2")
     assert out["rollbacks"] == 2 and out["error"] is not None and "\n" not in out["error"]
     assert "2 rollbacks already happened" in out["error"] and "train.max_rollbacks" in out["error"]
+
+
+def test_the_detector_judges_against_the_median_of_the_losses_before_the_spike():
+    """The running median leaves spikes out of the history (a mean would be dragged by them), a
+    run of spike_steps spiking steps is named by its first, and one normal step resets the run."""
+    from types import SimpleNamespace
+
+    from flamingo_dist.config.schema import TrainConfig
+    from flamingo_dist.training.rollback import SpikeDetector
+
+    det = SpikeDetector(TrainConfig(spike_min_history=3, spike_steps=2, spike_factor=3.0, spike_window=4))
+
+    def at(step, loss, skipped=0):
+        return det.observe(SimpleNamespace(step=step, consecutive_skipped=skipped), loss)
+
+    assert [at(s, x) for s, x in enumerate([1.0, 0.9, 0.8, 5.0, 0.7], 1)] == [None] * 5  # one spike, then normal
+    assert at(6, 9.0) is None and list(det.losses) == [1.0, 0.9, 0.8, 0.7]  # the spikes never entered
+    why, first = at(7, 9.0)
+    assert first == 6 and "above 3 x the running median 0.85 for 2 step(s)" in why
+    assert at(8, 0.6) is None and list(det.losses) == [0.9, 0.8, 0.7, 0.6]  # a window of 4
+    assert at(9, float("nan"), skipped=5)[1] == 5  # non-finite for max_consecutive_skipped_steps (5): from step 5

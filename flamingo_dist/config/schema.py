@@ -476,13 +476,17 @@ class JobConfig:
 CHECKPOINT_COMMIT = "COMMITTED.json"  # the marker file of a committed checkpoint (training/checkpoint.py)
 
 
+def step_folders(root: str) -> list[str]:
+    """Checkpoint step directories (step_NNNNNNNN) under root, committed or not, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, d) for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))
+
+
 def committed_checkpoints(root: str) -> list[str]:
     """Committed checkpoint directories (step_NNNNNNNN with the commit marker) under root, oldest
     first. Here, without torch, so the start-up checks can use it."""
-    if not os.path.isdir(root):
-        return []
-    dirs = [os.path.join(root, d) for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d)]
-    return sorted(d for d in dirs if os.path.isfile(os.path.join(d, CHECKPOINT_COMMIT)))
+    return [d for d in step_folders(root) if os.path.isfile(os.path.join(d, CHECKPOINT_COMMIT))]
 
 
 def checkpoint_dir(cfg: JobConfig) -> str:

@@ -156,7 +156,7 @@ def launcher_processes(pid: int | None = None) -> list[tuple[int, float]]:
 
     me = psutil.Process(pid)
     parent = me.parent()
-    if parent is None or os.environ.get("SLURM_STEP_ID") is not None and "TORCHELASTIC_RUN_ID" not in os.environ:
+    if parent is None or started_by_srun():
         return []
     if "TORCHELASTIC_RUN_ID" in os.environ:
         return [(parent.pid, parent.create_time())]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from flamingo_dist.config.schema import CHECKPOINT_COMMIT
+from flamingo_dist.config.schema import CHECKPOINT_COMMIT, step_folders
 from flamingo_dist.config.schema import committed_checkpoints as committed  # noqa: F401 (checkpoint.committed)
 
 COMMIT = CHECKPOINT_COMMIT
@@ -208,17 +209,21 @@ def dir_bytes(path: str) -> int:
 def partial(root: str) -> list[str]:
     """Step folders without a commit marker (a save that was cut short), oldest first: never
     resumed from; listed at start, removed once a newer checkpoint commits (`prune`)."""
-    if not os.path.isdir(root):
-        return []
-    dirs = [os.path.join(root, d) for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d)]
-    return sorted(d for d in dirs if not os.path.isfile(os.path.join(d, COMMIT)))
+    return [d for d in step_folders(root) if not os.path.isfile(os.path.join(d, COMMIT))]
+
+
+@functools.lru_cache(maxsize=4)
+def _committed_bytes(path: str, committed_at: float) -> int:
+    """dir_bytes of a committed checkpoint (not written again once committed: walked once, not
+    before every save; `committed_at`, its marker's time, tells a replaced one apart)."""
+    return dir_bytes(path)
 
 
 def _space_problem(root: str, path: str) -> str | None:
     """Rank 0, before a save: why the disk cannot take another checkpoint as large as the last
     committed one (5% margin), or None."""
     last = committed(root)[-1:]
-    need = dir_bytes(last[0]) if last else 0
+    need = _committed_bytes(last[0], os.path.getmtime(os.path.join(last[0], COMMIT))) if last else 0
     free = shutil.disk_usage(root).free
     if need and free < need * 1.05:
         return (f"no space for checkpoint {path}: {free} bytes free on {root}, the last checkpoint took {need} "
@@ -340,68 +345,6 @@ def resolve_resume(spec: str, root: str) -> str | None:
 
 # The config fields that decide the trainable parameters' shapes (and so what a checkpoint can be
 # loaded into); the cross-attention placement is compared as the layers it puts blocks before.
-SHAPE_FIELDS = ("model.lm.vocab_size", "model.lm.hidden_size", "model.lm.intermediate_size", "model.lm.num_layers",
-                "model.lm.num_heads", "model.lm.num_kv_heads", "model.lm.tie_embeddings", "model.vision.model_name",
-                "model.resampler.num_latents", "model.resampler.depth", "model.resampler.num_heads",
-                "model.resampler.head_dim", "model.resampler.qk_layer_norms", "model.resampler.max_frames",
-                "model.xattn.alpha_type", "model.xattn.qk_layer_norms")
-
-
-# what decides the sequence of documents and samples a resumed run sees (paths of shards are not
-# compared: data moved elsewhere is the same data)
-DATA_ORDER_FIELDS = ("train.seed", "train.micro_batch_size", "data.seq_len", "data.max_images", "data.image_size",
-                     "data.frames_per_video", "data.pack", "data.streams", "data.synthetic_num_docs")
-
-
-def _get(obj, dotted: str):
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def data_order_differences(saved_job: dict, cfg) -> list[str]:
-    """`field: saved -> now` for every field whose change gives the resumed run other data than
-    an uninterrupted run would have seen (source names and weights included)."""
-    from flamingo_dist.config.load import config_from_dict
-
-    saved = config_from_dict(saved_job)
-    out = [f"{f}: {_get(saved, f)!r} -> {_get(cfg, f)!r}" for f in DATA_ORDER_FIELDS if _get(saved, f) != _get(cfg, f)]
-    mix = [(s.name, s.weight) for s in saved.data.sources], [(s.name, s.weight) for s in cfg.data.sources]
-    if mix[0] != mix[1]:
-        out.append(f"data.sources (name, weight): {mix[0]} -> {mix[1]}")
-    return out
-
-
-def resume_config_differences(saved_job: dict, cfg) -> list[str]:
-    """`field: saved -> now` for every shape-deciding field the new config changes."""
-    from flamingo_dist.config.load import config_from_dict
-    from flamingo_dist.config.schema import xattn_layer_indices
-
-    saved = config_from_dict(saved_job)
-    out = [f"{f}: {_get(saved, f)!r} -> {_get(cfg, f)!r}" for f in SHAPE_FIELDS if _get(saved, f) != _get(cfg, f)]
-    before, now = xattn_layer_indices(saved.model), xattn_layer_indices(cfg.model)
-    if before != now:
-        out.append(f"cross-attention blocks before layers {before} -> {now} (model.xattn placement/interval/layers)")
-    return out
-
-
-def check_resume_config(path: str, cfg) -> None:
-    """Raise one CheckpointError naming every field whose change makes `path` unloadable into
-    this run's model; warn in one line naming every field that changes the data order (fields
-    that may change on resume, like steps, lr or the layout, are not checked: docs/operations.md)."""
-    with open(os.path.join(path, "config.json")) as f:
-        saved_job = json.load(f)["job"]
-    differences = resume_config_differences(saved_job, cfg)
-    if differences:
-        raise CheckpointError(f"{path}: this run's model differs from the checkpoint's, which cannot be loaded into "
-                              f"it: {'; '.join(differences)} (resume with the checkpoint's values, or start fresh "
-                              "in another run directory)")
-    data = data_order_differences(saved_job, cfg)
-    if data:
-        log.warning(f"resume: the data order differs from {path}'s: {'; '.join(data)}; training goes on, on other "
-                    "data than an uninterrupted run would have seen")
-
-
 def universal_info(model) -> dict:
     """How each trainable tensor is laid out across TP ranks, in the form DeepSpeed's
     ds_to_universal reads (`model.universal_checkpoint_info`, saved in every checkpoint):

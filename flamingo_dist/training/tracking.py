@@ -75,9 +75,9 @@ class _Sender(threading.Thread):
     retried with backoff (up to 10 s apart) until it succeeds: nothing is lost while the server is away, and the
     backlog is replayed once it answers. (metrics.jsonl holds every record whatever happens here.)"""
 
-    def __init__(self, cfg: TrackingConfig, start: Callable[[Any], str], queue_size: int):
+    def __init__(self, start: Callable[[Any], str], queue_size: int):
         super().__init__(name="mlflow-sender", daemon=True)
-        self.cfg, self.start_fn = cfg, start
+        self.start_fn = start
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.started = threading.Event()
         self.run_id: str | None = None
@@ -173,7 +173,7 @@ class Tracker:
                 mlflow.set_tags(tags)
                 return run.info.run_id
 
-            self.sender = _Sender(cfg, start, cfg.queue_size)
+            self.sender = _Sender(start, cfg.queue_size)
             self.sender.start()
             if not self.sender.started.wait(cfg.start_timeout_s):
                 why = self.sender.last_error or "no answer"

@@ -11,14 +11,11 @@ logged steps only.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -28,6 +25,7 @@ import torch.distributed as dist
 from flamingo_dist.config.schema import JobConfig
 from flamingo_dist.data.layout import labelled_tokens
 from flamingo_dist.data.processing import MODEL_KEYS, normalize_pixels
+from flamingo_dist.training.rollback import SpikeDetector, roll_back
 from flamingo_dist.training.step import StepRead, account, read_step, step_metrics
 
 log = logging.getLogger(__name__)
@@ -68,8 +66,7 @@ class Trainer:
         self.fused_step = None  # training.zero_step.FusedZeroStep: our ZeRO step, when it applies
         self.last_read: StepRead | None = None  # what the last step's one read returned
         self._last_save = (0, time.time())  # (step, time) of the last checkpoint, or of the start
-        self._losses: collections.deque = collections.deque()  # recent step losses (spike detection)
-        self._spiking: list[int] = []  # the steps of the current run of spiking losses
+        self.spikes = SpikeDetector(cfg.train)  # train.spike_rollback: is a rollback due? (training/rollback.py)
         self._steps_run = 0  # optimizer steps run by this process, rolled-back ones included
         self._rollback_at: list[int] = []  # _steps_run of each rollback (the loop limit)
 
@@ -222,10 +219,11 @@ class Trainer:
         before anything is built: a change of the model's shapes is one error naming the fields."""
         from flamingo_dist.config.schema import checkpoint_dir
         from flamingo_dist.training import checkpoint
+        from flamingo_dist.training.resume_config import check_resume_config
 
         path = checkpoint.resolve_resume(spec, checkpoint_dir(self.cfg))
         if path is not None:
-            checkpoint.check_resume_config(path, self.cfg)
+            check_resume_config(path, self.cfg)
         return path
 
     def _resume(self, path: str | None) -> None:
@@ -468,9 +466,9 @@ class Trainer:
                     self._write_metrics(metrics)
                     if self.tracker is not None:
                         self.tracker.log_metrics(metrics, self.state.step)
-                spike = self._spike(metrics["loss"])
+                spike = self.spikes.observe(self.state, metrics["loss"]) if t.spike_rollback else None
                 if spike is not None:
-                    self._rollback(*spike)
+                    roll_back(self, *spike)
                     continue
                 if self.state.consecutive_skipped >= t.max_consecutive_skipped_steps:
                     raise TrainingStopped(
@@ -497,68 +495,6 @@ class Trainer:
             if self.stop_flag is not None:
                 self.stop_flag.disarm()  # finished, stopped after its save, or failed: a signal now just ends it
         return self.state
-
-    def _spike(self, loss: float) -> tuple[str, int] | None:
-        """(why, the first spiking step) when a rollback is due after this step, else None.
-        Decided from the step's one read (the same numbers on every rank: no collective)."""
-        t, st = self.cfg.train, self.state
-        if not t.spike_rollback:
-            return None
-        if st.consecutive_skipped >= t.max_consecutive_skipped_steps:
-            return (f"{st.consecutive_skipped} steps in a row with a non-finite loss or gradient",
-                    st.step - st.consecutive_skipped + 1)
-        if not math.isfinite(loss):
-            return None  # counted as a skipped step above
-        if len(self._losses) >= t.spike_min_history:
-            median = statistics.median(self._losses)
-            if loss > t.spike_factor * median:
-                self._spiking.append(st.step)
-                if len(self._spiking) >= t.spike_steps:
-                    return (f"loss {loss:.4g} above {t.spike_factor:g} x the running median {median:.4g} for "
-                            f"{len(self._spiking)} step(s)", self._spiking[0])
-                return None
-        self._spiking = []
-        self._losses.append(loss)
-        while len(self._losses) > t.spike_window:
-            self._losses.popleft()
-        return None
-
-    def _rollback(self, why: str, first_bad: int) -> None:
-        """Collective: back to the newest committed checkpoint before `first_bad`, skipping the data
-        read since (the feed goes on from where it is); the loop limit stops the run in one line."""
-        from flamingo_dist.config.schema import checkpoint_dir
-        from flamingo_dist.training import checkpoint
-
-        t, st = self.cfg.train, self.state
-        bad = st.step
-        recent = [s for s in self._rollback_at if self._steps_run - s < t.rollback_window_steps]
-        if len(recent) >= t.max_rollbacks:
-            raise TrainingStopped(f"step {bad}: {why}, and {len(recent)} rollbacks already happened in the last "
-                                  f"{t.rollback_window_steps} steps (train.max_rollbacks {t.max_rollbacks}); stopping. "
-                                  "Lower train.lr or look at the data after the last checkpoint.")
-        root = checkpoint_dir(self.cfg)
-        before = [p for p in checkpoint.committed(root) if int(os.path.basename(p).split("_")[1]) < first_bad]
-        if not before:
-            raise TrainingStopped(f"step {bad}: {why}, but no committed checkpoint before step {first_bad} to roll back "
-                                  "to (train.spike_rollback needs checkpoint.every_steps or every_minutes, and "
-                                  "checkpoint.keep_last >= 2)")
-        slot_now = self.feed.slots()
-        with self._watched("rollback"):
-            meta = checkpoint.rollback(self, before[-1])
-        fields = {f.name for f in dataclasses.fields(TrainState)} - {"rollbacks"}
-        self.state = TrainState(**{k: v for k, v in meta.items() if k in fields}, rollbacks=st.rollbacks + 1)
-        self._rollback_at.append(self._steps_run)
-        self._spiking = []
-        self._last_save = (self.state.step, time.time())
-        record = {"rollback/from_step": float(bad), "rollback/to_step": float(self.state.step),
-                  "rollback/skipped_slots_from": float(meta["data"]["slots"]),
-                  "rollback/skipped_slots_to": float(slot_now), "rollbacks": float(self.state.rollbacks)}
-        self.log(f"rollback {self.state.rollbacks}: step {bad}: {why}; back to {before[-1]} (step {self.state.step}); "
-                 f"skipping data slots {meta['data']['slots']}..{slot_now - 1}, read by steps "
-                 f"{self.state.step + 1}..{bad}")
-        self._write_metrics(record)
-        if self.tracker is not None:
-            self.tracker.log_metrics(record, bad)
 
     def _validate_and_log(self) -> None:
         if self.cfg.data.val_every_steps:
