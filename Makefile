@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flamingo_dist-installed
 
-.PHONY: demo test test-fast lint install clean-demo system-deps bench-openflamingo
+.PHONY: demo-fewshot demo test test-fast lint install clean-demo system-deps bench-openflamingo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/deepspeed flamingo_dist/train.py --deepspeed ds_configs/zero2.json \
 		--config configs/demo.yaml
 	$(BIN)/python tools/demo_report.py runs/demo --check
+
+# The demo plus in-context learning (labels bound per prompt, 0 to 4 shots): docs/learning.md.
+demo-fewshot: $(STAMP)
+	rm -rf runs/demo-fewshot
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/deepspeed flamingo_dist/train.py --deepspeed ds_configs/zero2.json \
+		--config configs/demo_fewshot.yaml
+	$(BIN)/python tools/demo_report.py runs/demo-fewshot --check
 
 # Debian packages the tests need beyond Python: java for pycocoevalcap's PTB tokenizer (CIDEr).
 # (The SLURM cluster of tests/test_slurm_cluster.py installs its own packages: tests/slurm_cluster.py.)

@@ -21,15 +21,26 @@ def test_backbones_are_hugging_face_and_open_clip_weights_that_learned_their_job
     from flamingo_dist.models.vision import register_model_config
 
     done = read_done(synthetic_backbones)
-    assert min(done["lm"]["copy_accuracy"].values()) >= MIN_ACCURACY
+    assert min(done["lm"]["copy_accuracy"].values()) >= MIN_ACCURACY and done["lm"]["binding_accuracy"] >= MIN_ACCURACY
     assert min(done["vit"]["zero_shot_accuracy"].values()) >= MIN_ACCURACY
     lm = LlamaForCausalLM.from_pretrained(lm_path(synthetic_backbones)).eval()
     tok = AutoTokenizer.from_pretrained(lm_path(synthetic_backbones))
-    # the LM reads an attribute from its context: a described image is answered
-    ids = tok("<s>small blue triangle Question:what color is the shape ? Short answer:", add_special_tokens=False,
+    # the LM reads an attribute from the image's words on the tokens after the image ...
+    from flamingo_dist.demo.backbones import embed
+
+    ids = tok("<s>img Question:what color is the shape ? Short answer:", add_special_tokens=False,
               return_tensors="pt").input_ids
+    on = torch.tensor(tok.convert_tokens_to_ids(["blue", "triangle", "small"])).expand(1, ids.shape[1], 3).clone()
+    on[0, 0] = 0
     with torch.no_grad():
-        assert tok.convert_ids_to_tokens(int(lm(ids).logits[0, -1].argmax())) == "blue"
+        assert tok.convert_ids_to_tokens(int(lm(inputs_embeds=embed(lm, ids, on)).logits[0, -1].argmax())) == "blue"
+        # ... and names an image by the label an earlier image of its shape had in this text
+        ids = tok("<s>img dax img wug img fep img", add_special_tokens=False, return_tensors="pt").input_ids
+        shapes = ["circle", "square", "triangle", "square"]
+        on = torch.zeros(1, ids.shape[1], 3, dtype=torch.long)
+        for k, t in enumerate(range(1, ids.shape[1], 2)):
+            on[0, t:t + 2] = torch.tensor(tok.convert_tokens_to_ids(["red", shapes[k], "large"]))
+        assert tok.convert_ids_to_tokens(int(lm(inputs_embeds=embed(lm, ids, on)).logits[0, -1].argmax())) == "wug"
     register_model_config(done["recipe"]["vision_model"])
     clip = open_clip.create_model(done["recipe"]["vision_model"], pretrained=vit_path(synthetic_backbones))
     assert clip.visual.image_size[0] == done["recipe"]["image_size"]
@@ -92,24 +103,49 @@ def test_builds_left_by_ended_processes_are_removed_and_others_kept(tmp_path):
     assert remove_abandoned_builds(root) == []
 
 
-def test_lm_documents_mark_the_attributes_a_description_determines(synthetic_corpus):
+def test_lm_documents_carry_each_image_on_the_tokens_after_it_and_mark_what_it_determines(synthetic_corpus):
     from transformers import AutoTokenizer
 
-    from flamingo_dist.demo.backbones import lm_document
+    from flamingo_dist.data.synthetic import ATTRIBUTES
+    from flamingo_dist.demo.backbones import BOUND, IMAGE_WORD, lm_document
 
     tok = AutoTokenizer.from_pretrained(os.path.join(synthetic_corpus, "tokenizer"))
     rng = random.Random(3)
     for _ in range(20):
-        ids, groups = lm_document(tok, rng, 3)
+        ids, on, marks = lm_document(tok, rng, 3)
         words = tok.convert_ids_to_tokens(ids)
-        marked = [(w, g) for w, g in zip(words, groups) if g >= 0]
-        assert marked and all(w in ("small", "large") if g == 2 else True for w, g in marked)
-        # every marked word appears earlier in the document (in its image's description)
-        for t, g in enumerate(groups):
+        carried = [tok.convert_ids_to_tokens(o) if o[0] else None for o in on]
+        assert words[0] == "<s>" and carried[0] is None and IMAGE_WORD in words
+        for t, w in enumerate(words):
+            if w == IMAGE_WORD:  # the image and every token up to the next image carry its words
+                nxt = words.index(IMAGE_WORD, t + 1) if IMAGE_WORD in words[t + 1:] else len(words) - 1
+                assert all(carried[u] == carried[t] for u in range(t, nxt)) and carried[t] is not None
+        marked = [(w, g) for w, g in zip(words, marks) if g >= 0]
+        assert marked and all(g < BOUND for _, g in marked)
+        for t, g in enumerate(marks):  # a marked word is the one its image carries in that group
             if g >= 0:
-                assert words[t] in words[:t], words
-        no_desc, _ = lm_document(tok, random.Random(3), 3, describe=False)
-        assert len(no_desc) < len(lm_document(tok, random.Random(3), 3)[0])
+                assert words[t] in ATTRIBUTES[list(ATTRIBUTES)[g]] and words[t] == carried[t][g], (words, carried)
+        no_images, no_on, _ = lm_document(tok, random.Random(3), 3, describe=False)
+        assert IMAGE_WORD not in tok.convert_ids_to_tokens(no_images) and not any(o[0] for o in no_on)
+
+
+def test_binding_documents_mark_the_labels_an_earlier_image_of_the_same_shape_bound(synthetic_corpus):
+    from transformers import AutoTokenizer
+
+    from flamingo_dist.data.synthetic import ATTRIBUTES, BINDING_LABELS
+    from flamingo_dist.demo.backbones import BOUND, lm_document
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(synthetic_corpus, "tokenizer"))
+    rng = random.Random(4)
+    for _ in range(20):
+        ids, on, marks = lm_document(tok, rng, 8, kind="binding")
+        words = tok.convert_ids_to_tokens(ids)
+        shapes = [tok.convert_ids_to_tokens(o)[list(ATTRIBUTES).index("shape")] if o[0] else None for o in on]
+        seen = {}
+        for t, w in enumerate(words):
+            if w in BINDING_LABELS:
+                assert (marks[t] == BOUND) == (shapes[t] in seen)  # determined iff its shape was named before
+                assert seen.setdefault(shapes[t], w) == w  # one label per shape in a document
 
 
 def _batches():

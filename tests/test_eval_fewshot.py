@@ -66,7 +66,7 @@ def test_synthetic_fewshot_runs_end_to_end_on_two_ranks(synthetic_corpus, tmp_pa
     with open(os.path.join(run_dir, "eval.json")) as f:
         written = json.load(f)
     assert written == json.loads(json.dumps(res))
-    assert written["protocol_version"].startswith("flamingo_dist-fewshot-1")
+    assert written["protocol_version"].startswith("flamingo_dist-fewshot-2")
     for task in ("captions", "vqa", "memes", "shapes"):
         for cfg in ("0shot_random", "0shot_rices", "4shot_random", "4shot_rices"):
             entry = written["tasks"][task][cfg]
@@ -94,7 +94,8 @@ def test_prompt_layout_demos_then_query(synthetic_corpus, tmp_path):
     assert (ids == 513).sum() == 3 and ids[0, 0] == tok.bos_token_id and (ids != tok.eos_token_id).all()
     assert mask[0, -1].tolist() == [0, 0, 1]  # the query text sees its own image only
     zero, pixels0, mask0 = Prompter(tok, 32).inputs("vqa", [(exs[1], "red"), (exs[2], "circle")], exs[0], False)
-    assert (zero == 513).sum() == 1 and pixels0.shape[1] == 1  # 0-shot: text-only demonstrations
+    assert (zero == 513).sum() == 1 and pixels0.shape[1] == 1  # 0-shot: text-only demonstrations ...
+    assert tok.unk_token_id not in zero[0].tolist()  # ... each of whose words is a word
     import random
 
     feats = torch.eye(5, 8)  # orthogonal features: similarity = the query's weight on each

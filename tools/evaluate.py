@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     src.add_argument("--hf", help="a transformers IdeficsForVisionText2Text directory")
     p.add_argument("--tasks-file", help="YAML/JSON list of task specs")
     p.add_argument("--synthetic", metavar="DIR", help="the synthetic suite's directory")
+    p.add_argument("--synthetic-tasks", nargs="+", default=[],
+                   help="these tasks of the synthetic suite (default: all but the binding pair)")
     p.add_argument("--shots", type=int, nargs="+", default=[0, 4])
     p.add_argument("--methods", nargs="+", default=["random"], choices=["random", "rices"])
     p.add_argument("--trials", type=int, default=1)
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     suite = {}
     try:
         if args.synthetic:
-            suite.update(eval_tasks.synthetic_suite(args.synthetic))
+            suite.update(eval_tasks.select_synthetic(eval_tasks.synthetic_suite(args.synthetic), args.synthetic_tasks))
         if args.tasks_file:
             import yaml
 

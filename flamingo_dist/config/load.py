@@ -10,7 +10,15 @@ from typing import Any, Optional
 
 import yaml
 
-from flamingo_dist.config.schema import DATA_FORMATS, LR_GROUPS, SYNTHETIC_TASKS, ConfigError, JobConfig, SourceConfig
+from flamingo_dist.config.schema import (
+    DATA_FORMATS,
+    LR_GROUPS,
+    SYNTHETIC_KINDS,
+    SYNTHETIC_TASKS,
+    ConfigError,
+    JobConfig,
+    SourceConfig,
+)
 
 
 def _merge(obj: Any, values: dict, prefix: str, errors: list[str]) -> None:
@@ -155,8 +163,12 @@ def source_configs(cfg: JobConfig, errors: Optional[list[str]] = None) -> list[S
             errors.append(f"{where}.name: required")
         if src.format not in DATA_FORMATS:
             errors.append(f"{where}.format: {src.format!r} is not one of {', '.join(DATA_FORMATS)}")
-        if d.sources and not src.shards:
-            errors.append(f"{where}.shards: required")
+        if d.sources and not src.shards and not src.synthetic:
+            errors.append(f"{where}.shards: required (or .synthetic)")
+        if src.synthetic and src.synthetic not in SYNTHETIC_KINDS:
+            errors.append(f"{where}.synthetic: {src.synthetic!r} is not one of {', '.join(SYNTHETIC_KINDS)}")
+        if src.synthetic and (src.shards or src.val_shards or src.format != "obelics"):
+            errors.append(f"{where}: a synthetic source takes no shards, val_shards or format")
         if not (isinstance(src.weight, (int, float)) and src.weight > 0):
             errors.append(f"{where}.weight: must be positive")
         if isinstance(src.micro_batch_size, int) and src.micro_batch_size < 1:
@@ -296,7 +308,8 @@ def validate(cfg: JobConfig, errors: Optional[list[str]] = None, world_size: Opt
     need(d.val_batches >= 1, "data.val_batches: must be >= 1")
     need(r.max_frames >= 0, "model.resampler.max_frames: must be >= 0")
     sources = source_configs(cfg, errors)
-    need(d.val_every_steps == 0 or any(s.val_shards for s in sources) or (not d.sources and d.shards is None),
+    need(d.val_every_steps == 0 or any(s.val_shards or s.synthetic for s in sources)
+         or (not d.sources and d.shards is None),
          "data.val_every_steps: no source has val_shards")
     need(d.synthetic_num_docs >= 1, "data.synthetic_num_docs: must be >= 1")
     need(d.synthetic_val_docs >= 1, "data.synthetic_val_docs: must be >= 1")

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 LR_GROUPS = ("gates", "resampler", "xattn", "embeddings")  # the kinds of train.lr_scales (flamingo_dist/training/optim.py)
+SYNTHETIC_KINDS = ("attributes", "binding")  # data.sources[].synthetic (flamingo_dist/data/synthetic.py KINDS)
 DATA_FORMATS = ("obelics", "mmc4", "pairs", "video")  # what data.sources[].format names (flamingo_dist/data/formats.py)
+# eval.synthetic_tasks: the synthetic suite (flamingo_dist/eval/tasks.py)
 SYNTHETIC_TASKS = ("synthetic_captions", "synthetic_vqa_color", "synthetic_vqa_shape", "synthetic_memes",
-                   "synthetic_shapes")  # eval.synthetic_tasks: the synthetic suite (flamingo_dist/eval/tasks.py)
+                   "synthetic_shapes", "synthetic_binding", "synthetic_binding_shuffled")
+OPT_IN_SYNTHETIC_TASKS = ("synthetic_binding", "synthetic_binding_shuffled")  # run only when named
 
 
 class ConfigError(ValueError):
@@ -275,6 +278,12 @@ class SourceConfig:
     pairs (img2dataset image + caption), video (frames + caption)."""
     shards: str = ""
     """Webdataset shard pattern (brace notation), glob, or directory of .tar files."""
+    synthetic: str = ""
+    """Instead of shards, a generated synthetic corpus (flamingo_dist/data/synthetic.py):
+    `attributes` (the debug corpus of data.synthetic_dir) or `binding` (fast-binding episodes:
+    labels bound to shapes per document), written to data.synthetic_dir/<name> (and its val/
+    when validation is on) when missing, data.synthetic_num_docs documents of up to
+    data.max_images images."""
     val_shards: Optional[str] = None
     """Held-out shards of this source, evaluated every data.val_every_steps steps."""
     weight: float = 1.0
@@ -429,7 +438,9 @@ class EvalConfig:
     """Beam search width for captions and answers (OpenFlamingo's 3); 1 is greedy decoding."""
     synthetic_tasks: list[str] = field(default_factory=list)
     """The tasks of the synthetic suite to run (synthetic_captions, synthetic_vqa_color,
-    synthetic_vqa_shape, synthetic_memes, synthetic_shapes); empty means all."""
+    synthetic_vqa_shape, synthetic_memes, synthetic_shapes, and the fast-binding pair
+    synthetic_binding, synthetic_binding_shuffled: 240 queries each, run only when named); empty
+    means all but the binding pair."""
     attribute_words: dict = field(default_factory=dict)
     """Word groups (name -> words, each one token) whose next-token top-1 accuracy on the
     validation batches is measured at every validation with the true images, with images

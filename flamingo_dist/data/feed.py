@@ -169,15 +169,20 @@ class DataFeed:
         return out
 
 
-def resolve_sources(cfg: JobConfig, synthetic_dir: Optional[str] = None,
-                    synthetic_val_dir: Optional[str] = None) -> tuple[list[Source], dict[str, list[str]]]:
+def resolve_sources(cfg: JobConfig, synthetic_dir: Optional[str] = None, synthetic_val_dir: Optional[str] = None,
+                    synthetic_sources: Optional[dict[str, tuple[str, Optional[str]]]] = None
+                    ) -> tuple[list[Source], dict[str, list[str]]]:
     """(training sources, {source name: validation shard paths}); shard patterns are listed now, so
-    a missing or empty shard or an empty list fails at start-up with the source named."""
+    a missing or empty shard or an empty list fails at start-up with the source named.
+    `synthetic_sources`: the generated (training, validation) directories of the sources that
+    name a synthetic corpus."""
     from flamingo_dist.config.load import source_configs
     from flamingo_dist.data.formats import list_shards
 
     sources, val = [], {}
     for sc in source_configs(cfg):
+        if sc.synthetic:
+            sc.shards, sc.val_shards = (synthetic_sources or {})[sc.name]
         spec = sc.shards or synthetic_dir
         where = f"data.sources[{sc.name}].shards" if cfg.data.sources else "data.shards"
         sources.append(Source(sc.name, sc.format, list_shards(spec, where), sc.weight, sc.micro_batch_size,

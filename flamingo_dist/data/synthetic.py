@@ -15,6 +15,8 @@ import json
 import os
 import random
 
+from flamingo_dist.config.schema import SYNTHETIC_KINDS
+
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
           "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15)}
 SHAPES = ("circle", "square", "triangle")
@@ -26,7 +28,12 @@ WORDS = ["a", "an", "the", "this", "is", "image", "of", "shows", "picture", "her
          "Output", "Question", "Short", "answer", "Answer", "Is", "hateful", "?", "'", "with", "written",
          "what", "color", "shape", "yes", "no",
          # corpus version 3: a size question, so size is as often supervised as colour
-         "size"]
+         "size",
+         # corpus version 4: fast-binding episodes (BINDING_LABELS)
+         "dax", "wug", "blicket", "fep", "zup", "toma", "kiki", "bouba", "gazzer", "tufa", "lorp",
+         "mib",
+         # where an image goes in the synthetic LM's pretraining text (flamingo_dist/demo/backbones.py)
+         "img"]
 SPECIALS = ["<unk>", "<s>", "</s>"]
 VOCAB_SIZE = 512
 INTROS = ["this document is about shapes .", "we look at colors and shapes .", "here is a picture .",
@@ -102,16 +109,64 @@ def document_plan(rng: random.Random, max_images: int = 3, styles: tuple[str, ..
     return items
 
 
+# Fast concept binding (Frozen, Tsimpoukelli et al. 2021): an episode draws BINDING_VALUES labels
+# afresh from BINDING_LABELS and binds them to the values of one attribute for that document only;
+# each image is followed by its label alone. A label is predictable only after an earlier image
+# of the same value in the same document showed it, so the only way to name an image is to read
+# the binding from the prompt. The labels are in the vocabulary and in the LM's pretraining text,
+# never with a fixed meaning.
+BINDING_LABELS = ("dax", "wug", "blicket", "fep", "zup", "toma", "kiki", "bouba", "gazzer", "tufa", "lorp", "mib")
+BINDING_ATTRIBUTE = "shape"
+BINDING_VALUES = SHAPES
+
+
+def binding_text(label: str | None) -> str:
+    """The text after an image of a binding episode (label None: the query's, to be completed).
+    The label follows its image directly: a prompt word between them ("Name:dax") makes the LM
+    match on the word before the prompt instead of the token before the label, which the tiny
+    LM never learnt in 2000 steps (docs/learning.md), where plain induction takes 100."""
+    return "" if label is None else label
+
+
+def random_attrs(rng: random.Random, **fixed) -> dict:
+    attrs = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "size": rng.choice(SIZES)}
+    return {**attrs, **fixed}
+
+
+def binding_plan(rng: random.Random, max_images: int, labels: tuple[str, ...] | None = None) -> list:
+    """One training episode as an interleaved list (see document_plan): 2 to max_images images of
+    random attributes, each followed by the label its BINDING_ATTRIBUTE value has in this episode
+    (drawn afresh per episode unless `labels` fixes them: the mutation of tests/test_learning.py)."""
+    labels = labels or tuple(rng.sample(BINDING_LABELS, len(BINDING_VALUES)))
+    binding = dict(zip(BINDING_VALUES, labels))
+    items: list = []
+    for _ in range(rng.randint(2, max_images)):
+        attrs = random_attrs(rng)
+        items += [attrs, binding_text(binding[attrs[BINDING_ATTRIBUTE]]) + " "]
+    return items
+
+
 def describe(attrs: dict) -> str:
     """An image written as text, where the LM's pretraining text has it (flamingo_dist/demo)."""
     return f"{attrs['size']} {attrs['color']} {attrs['shape']}"
 
 
-def make_document(rng: random.Random, max_images: int = 3, side: int = 32,
-                  styles: tuple[str, ...] = tuple(STYLES)) -> tuple[list, dict]:
+KINDS = SYNTHETIC_KINDS
+"""What a synthetic corpus holds: documents of the STYLES (attributes) or binding episodes."""
+
+
+def plan(kind: str, rng: random.Random, max_images: int) -> list:
+    if kind == "attributes":
+        return document_plan(rng, max_images)
+    if kind == "binding":
+        return binding_plan(rng, max_images)
+    raise ValueError(f"unknown synthetic corpus kind {kind!r} ({', '.join(KINDS)})")
+
+
+def make_document(rng: random.Random, max_images: int = 3, side: int = 32, kind: str = "attributes") -> tuple[list, dict]:
     """(items, images): items is the interleaved list (str or image member name)."""
     items, images = [], {}
-    for it in document_plan(rng, max_images, styles):
+    for it in plan(kind, rng, max_images):
         if isinstance(it, str):
             items.append(it)
         else:
@@ -122,7 +177,8 @@ def make_document(rng: random.Random, max_images: int = 3, side: int = 32,
 
 
 def write_corpus(out_dir: str, num_docs: int = 256, docs_per_shard: int = 64, seed: int = 0,
-                 side: int = 32, vocab_size: int = VOCAB_SIZE, max_images: int = 3) -> list[str]:
+                 side: int = 32, vocab_size: int = VOCAB_SIZE, max_images: int = 3,
+                 kind: str = "attributes") -> list[str]:
     """Write tokenizer/ and shard-NNNNN.tar files to out_dir; returns the shard paths."""
     from flamingo_dist.data.shards import ShardWriter
 
@@ -131,7 +187,7 @@ def write_corpus(out_dir: str, num_docs: int = 256, docs_per_shard: int = 64, se
     rng = random.Random(seed)
     writer = ShardWriter(out_dir, "shard", docs_per_shard)  # a crash never leaves a half-written shard behind
     for i in range(num_docs):
-        items, images = make_document(rng, max_images, side)
+        items, images = make_document(rng, max_images, side, kind)
         texts = [None if it in images else it for it in items]
         names = [it if it in images else None for it in items]
         sample = {"__key__": f"doc{i:06d}", "json": json.dumps({"texts": texts, "images": names})}
@@ -142,33 +198,35 @@ def write_corpus(out_dir: str, num_docs: int = 256, docs_per_shard: int = 64, se
         writer.write(sample)
     paths = writer.close().shards
     with open(os.path.join(out_dir, "DONE"), "w") as f:
-        json.dump(_recipe(num_docs, seed, side, vocab_size, max_images), f)
+        json.dump(_recipe(num_docs, seed, side, vocab_size, max_images, kind), f)
     return paths
 
 
-CORPUS_VERSION = 3  # 3: the vqa_size style; 2: document styles (STYLES); 1 had captions only
+CORPUS_VERSION = 3  # 3: the vqa_size style; 2: document styles (STYLES); 1 had captions only. (Binding
+# episodes came as a kind, in the recipe: a corpus from before records none and holds attributes.)
 
 
-def _recipe(num_docs: int, seed: int, side: int, vocab_size: int, max_images: int) -> dict:
-    return {"version": CORPUS_VERSION, "num_docs": num_docs, "seed": seed, "image_size": side,
+def _recipe(num_docs: int, seed: int, side: int, vocab_size: int, max_images: int, kind: str) -> dict:
+    return {"version": CORPUS_VERSION, "kind": kind, "num_docs": num_docs, "seed": seed, "image_size": side,
             "vocab_size": vocab_size, "max_images": max_images}
 
 
 def ensure_corpus(out_dir: str, num_docs: int, seed: int = 0, side: int = 32, vocab_size: int = VOCAB_SIZE,
-                  docs_per_shard: int = 16, max_images: int = 3) -> str:
+                  docs_per_shard: int = 16, max_images: int = 3, kind: str = "attributes") -> str:
     """Generate the corpus unless a complete one (marked DONE) is there; a complete one made
     with other settings is an error rather than silently reused."""
     done = os.path.join(out_dir, "DONE")
-    want = _recipe(num_docs, seed, side, vocab_size, max_images)
+    want = _recipe(num_docs, seed, side, vocab_size, max_images, kind)
     if not os.path.isfile(done):
         write_corpus(out_dir, num_docs=num_docs, docs_per_shard=docs_per_shard, seed=seed, side=side,
-                     vocab_size=vocab_size, max_images=max_images)
+                     vocab_size=vocab_size, max_images=max_images, kind=kind)
         return out_dir
     with open(done) as f:
         have = json.load(f)
     # Size and seed only change how much data there is; the content's version, image size,
     # vocabulary and images per document must match.
-    if any(have.get(k) != want[k] for k in ("version", "image_size", "vocab_size", "max_images")):
+    have.setdefault("kind", "attributes")
+    if any(have.get(k) != want[k] for k in ("version", "kind", "image_size", "vocab_size", "max_images")):
         raise ValueError(f"data.synthetic_dir: {out_dir} holds a synthetic corpus made with {have}, but this run "
                          f"needs {want} (image size, vocabulary and images per document follow the config); "
                          "delete it or choose another data.synthetic_dir")

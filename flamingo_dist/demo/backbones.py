@@ -39,7 +39,7 @@ from flamingo_dist.data import synthetic
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: binding episodes in the LM's text
 LM_STEPS = 800
 LM_BATCH = 32
 LM_LR = 3e-3
@@ -48,6 +48,10 @@ VIT_BATCH = 256
 VIT_LR = 2e-3
 VIT_POOL = 4096
 MIN_ACCURACY = 0.9  # what each backbone must reach on its own held-out check, or the build fails
+BINDING_STEPS = 400  # then every other batch holds binding episodes (synthetic.binding_plan) of up
+BINDING_LR = 0.25  # (of LM_LR) after the attribute reading is learnt, which it must not undo
+BINDING_IMAGES = 13  # to this many images: the labels become words the LM copies from its context
+IMAGE_WORD = "img"  # where an image goes in the LM's text (a word of its own: "image" is in the corpus' text)
 MAX_IMAGES = 5  # documents of up to this many images: the demo's few-shot prompts have five
 
 
@@ -65,6 +69,16 @@ def recipe(lm: LMConfig, vision_model: str, image_size: int, seed: int = 0) -> d
                                          "max_position_embeddings")}
     return {"version": VERSION, "corpus_version": synthetic.CORPUS_VERSION, "lm": shape, "vision_model": vision_model,
             "image_size": image_size, "seed": seed, "lm_steps": LM_STEPS, "vit_steps": VIT_STEPS}
+
+
+RECIPE_EVOLUTION = ("version", "corpus_version", "lm_steps", "vit_steps")  # what this project changes
+
+
+def outdated(have: dict, want: dict) -> bool:
+    """A build of the same shapes by an earlier recipe of this project (a cache to rebuild, where
+    a build for another LM shape or vision tower is refused)."""
+    differ = {k for k in set(have) | set(want) if have.get(k) != want.get(k)}
+    return bool(differ) and differ <= set(RECIPE_EVOLUTION)
 
 
 def lm_path(root: str) -> str:
@@ -87,6 +101,12 @@ def ensure_backbones(root: str, lm: LMConfig, vision_model: str, image_size: int
     """Build the backbones into `root` unless a complete build is there (whether it fits the
     config is checked by use_backbones); returns the DONE record."""
     have = read_done(root)
+    want = recipe(lm, vision_model, image_size, seed)
+    if have is not None and outdated(have["recipe"], want):
+        log.warning(f"{root}: backbones of an earlier recipe of this project (version {have['recipe'].get('version')}, "
+                    f"now {VERSION}); rebuilding them")
+        shutil.rmtree(root)
+        have = None
     if have is not None:
         return have
     if os.path.exists(root):
@@ -154,6 +174,8 @@ def build_backbones(root: str, lm: LMConfig, vision_model: str, image_size: int,
     lm_stats = pretrain_lm(lm_path(tmp), lm, seed)
     vit_stats = pretrain_vit(vit_path(tmp), vision_model, image_size, seed)
     weak = {f"LM reading {k} from context": v for k, v in lm_stats["copy_accuracy"].items() if v < MIN_ACCURACY}
+    if lm_stats["binding_accuracy"] < MIN_ACCURACY:
+        weak["LM naming by the binding in its context"] = lm_stats["binding_accuracy"]
     weak.update({f"ViT zero-shot {k}": v for k, v in vit_stats["zero_shot_accuracy"].items() if v < MIN_ACCURACY})
     if weak:  # a Flamingo on such backbones cannot learn what the demo shows
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,34 +199,76 @@ def build_backbones(root: str, lm: LMConfig, vision_model: str, image_size: int,
 
 
 # ---------------------------------------------------------------------------------------- LM
-def lm_document(tok, rng: random.Random, max_images: int = MAX_IMAGES,
-                describe: bool = True) -> tuple[list[int], list[int]]:
-    """One pretraining document as token ids: the corpus' text with each image written as its
-    description (left out with describe=False: the ablation of docs/learning.md). Also, per id,
-    the index of the attribute group (synthetic.ATTRIBUTES) of a word that a description before
-    it determines, else -1: where the LM's reading from context is measured."""
+def _on(tok, attrs: dict | None) -> list[int]:
+    """The ids of an image's words (synthetic.describe) that the tokens after it carry, or zeros."""
+    if attrs is None:
+        return [0] * len(synthetic.ATTRIBUTES)
+    return [tok.convert_tokens_to_ids(attrs[g]) for g in synthetic.ATTRIBUTES]
+
+
+def lm_document(tok, rng: random.Random, max_images: int = MAX_IMAGES, describe: bool = True,
+                kind: str = "attributes") -> tuple[list[int], list[list[int]], list[int]]:
+    """One pretraining document (synthetic.plan of `kind`) as the LM reads it: token ids, per id
+    the ids of the image words it carries (`on`, see `embed`), and per id the index of the
+    attribute group (synthetic.ATTRIBUTES) of a word that its image determines, else -1 (where
+    the LM's reading is measured); in binding episodes instead BOUND where the label is
+    determined by an earlier image of the same value in the episode (the binding to read).
+
+    Each image is the word IMAGE_WORD, and it and every text token after it, up to the next
+    image, carry the image's description: the IDEFICS layout, where every text token after an
+    image sees it through cross-attention. describe=False leaves the images out (the ablation
+    of docs/learning.md: an LM that never had to tell the attributes apart)."""
     group_of = {tok.convert_tokens_to_ids(w): g for g, words in enumerate(synthetic.ATTRIBUTES.values())
                 for w in words}
-    ids, groups = [tok.bos_token_id], [-1]
-    for it in synthetic.document_plan(rng, max_images):
-        described = not isinstance(it, str)
-        if described and not describe:
+    ids, on, marks = [tok.bos_token_id], [_on(tok, None)], [-1]
+    image, seen = None, set()
+    for it in synthetic.plan(kind, rng, max_images):
+        if not isinstance(it, str):
+            if describe:
+                image = it
+                ids, on, marks = ids + [tok.convert_tokens_to_ids(IMAGE_WORD)], on + [_on(tok, it)], marks + [-1]
             continue
-        for t in tok(synthetic.describe(it) if described else it, add_special_tokens=False)["input_ids"]:
+        for t in tok(it, add_special_tokens=False)["input_ids"]:
             ids.append(t)
-            groups.append(-1 if described else group_of.get(t, -1))
-    return ids + [tok.eos_token_id], groups + [-1]
+            on.append(_on(tok, image))
+            if kind == "binding":
+                marks.append(BOUND if image is not None and image[synthetic.BINDING_ATTRIBUTE] in seen else -1)
+            else:
+                marks.append(group_of.get(t, -1) if image is not None else -1)
+        if kind == "binding" and image is not None:
+            seen.add(image[synthetic.BINDING_ATTRIBUTE])
+    return ids + [tok.eos_token_id], on + [_on(tok, None)], marks + [-1]
 
 
-def _lm_batch(tok, rng: random.Random, n: int, max_images: int, describe: bool = True):
-    docs = [lm_document(tok, rng, max_images, describe) for _ in range(n)]
-    T = max(len(ids) for ids, _ in docs)
-    ids = torch.full((n, T), tok.pad_token_id)
-    groups = torch.full((n, T), -1)
-    mask = torch.zeros(n, T, dtype=torch.long)
-    for b, (d, g) in enumerate(docs):
-        ids[b, :len(d)], groups[b, :len(g)], mask[b, :len(d)] = torch.tensor(d), torch.tensor(g), 1
-    return ids, mask, ids.masked_fill(mask == 0, -100), groups
+BOUND = len(synthetic.ATTRIBUTES)  # lm_document's mark of a label its episode's binding determines
+
+
+def embed(model, ids: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """Token embeddings plus those of the image words each token carries (`on` [B, T, K], 0 for
+    none).
+
+    Why the tokens after an image carry its words: a frozen LM must bring the reading that
+    Flamingo's cross-attention blocks then feed from the images. An LM that read descriptions
+    written as text before the image's tokens ("small red circle dax ... circle" -> dax) needs an
+    induction head (a previous-token head composed with a matching one) to name an image by the
+    label bound earlier in the prompt, and this two-layer LM with 8-dimensional heads did not
+    form one in 3000 steps: it only learnt to name one of the labels seen so far (0.45,
+    docs/learning.md). With the image's words on the tokens that see it, one attention head
+    that matches them and copies the label is enough, learnt in a few hundred steps."""
+    emb = model.get_input_embeddings()
+    return emb(ids) + (emb(on) * (on > 0)[..., None].to(emb.weight.dtype)).sum(-2)
+
+
+def _lm_batch(tok, rng: random.Random, n: int, max_images: int, describe: bool = True, kind: str = "attributes"):
+    """(ids, on, attention mask, labels, marks) of n documents (lm_document)."""
+    docs = [lm_document(tok, rng, max_images, describe, kind) for _ in range(n)]
+    T, K = max(len(ids) for ids, _, _ in docs), len(synthetic.ATTRIBUTES)
+    ids, on = torch.full((n, T), tok.pad_token_id), torch.zeros(n, T, K, dtype=torch.long)
+    marks, mask = torch.full((n, T), -1), torch.zeros(n, T, dtype=torch.long)
+    for b, (d, o, m) in enumerate(docs):
+        ids[b, :len(d)], on[b, :len(o)], marks[b, :len(m)], mask[b, :len(d)] = (torch.tensor(d), torch.tensor(o),
+                                                                                torch.tensor(m), 1)
+    return ids, on, mask, ids.masked_fill(mask == 0, -100), marks
 
 
 def pretrain_lm(out_dir: str, lm: LMConfig, seed: int, describe: bool = True) -> dict:
@@ -219,16 +283,20 @@ def pretrain_lm(out_dir: str, lm: LMConfig, seed: int, describe: bool = True) ->
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=LM_LR, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / LM_STEPS))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 30) * max(0.05, 1 - s / LM_STEPS) if s < LM_STEPS else BINDING_LR)
     rng = random.Random(seed)
     t0 = time.time()
-    for step in range(LM_STEPS):
+    for step in range(LM_STEPS + BINDING_STEPS):
         # Every other batch holds one-image documents: reading the one description there is
         # learnt in a few hundred steps, where documents of several images alone take several
         # times longer and sometimes never get there (docs/learning.md); short batches are also
         # cheap (a batch is as long as its longest document).
-        ids, mask, labels, _ = _lm_batch(tok, rng, LM_BATCH, 1 if step % 2 == 0 else MAX_IMAGES, describe)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if step >= LM_STEPS and step % 2:
+            ids, on, mask, labels, _ = _lm_batch(tok, rng, LM_BATCH, BINDING_IMAGES, describe, "binding")
+        else:
+            ids, on, mask, labels, _ = _lm_batch(tok, rng, LM_BATCH, 1 if step % 2 == 0 else MAX_IMAGES, describe)
+        loss = model(inputs_embeds=embed(model, ids, on), attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -236,24 +304,43 @@ def pretrain_lm(out_dir: str, lm: LMConfig, seed: int, describe: bool = True) ->
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 200 == 0:
             copy = lm_copy_accuracy(model, tok, random.Random(seed + 1))
-            log.info(f"  LM step {step + 1}/{LM_STEPS} loss {loss.item():.3f}, reads from context {copy} "
+            binding = lm_binding_accuracy(model, tok, random.Random(seed + 2))
+            log.info(f"  LM step {step + 1}/{LM_STEPS + BINDING_STEPS} loss {loss.item():.3f}, reads from context {copy} "
+                     f"and by its binding {binding} "
                 f"({time.time() - t0:.0f}s)")
     copy = lm_copy_accuracy(model, tok, random.Random(seed + 1))
+    binding = lm_binding_accuracy(model, tok, random.Random(seed + 2))
     model.save_pretrained(out_dir, safe_serialization=True)
-    return {"loss": round(loss.item(), 4), "copy_accuracy": copy, "seconds": round(time.time() - t0, 1)}
+    return {"loss": round(loss.item(), 4), "copy_accuracy": copy, "binding_accuracy": binding,
+            "seconds": round(time.time() - t0, 1)}
+
+
+@torch.no_grad()
+def lm_binding_accuracy(model, tok, rng: random.Random, docs: int = 128) -> float:
+    """Top-1 accuracy of the labels an earlier image of the same value bound in the episode."""
+    hit, total = _top1(model, _lm_batch(tok, rng, docs, BINDING_IMAGES, kind="binding"), BOUND)
+    return round(hit / max(1, total), 4)
 
 
 @torch.no_grad()
 def lm_copy_accuracy(model, tok, rng: random.Random, docs: int = 128) -> dict[str, float]:
-    """Top-1 accuracy of the attribute words that a description earlier in the text determines,
-    in documents of up to MAX_IMAGES images."""
-    ids, mask, _, groups = _lm_batch(tok, rng, docs, MAX_IMAGES)
+    """Top-1 accuracy of the attribute words that an image before them determines, in documents
+    of up to MAX_IMAGES images."""
+    batch = _lm_batch(tok, rng, docs, MAX_IMAGES)
+    out = {}
+    for i, name in enumerate(synthetic.ATTRIBUTES):
+        hit, total = _top1(model, batch, i)
+        out[name] = round(hit / max(1, total), 4)
+    return out
+
+
+def _top1(model, batch, mark: int) -> tuple[int, int]:
+    ids, on, mask, _, marks = batch
     was_training = model.training
-    pred = model.eval()(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+    pred = model.eval()(inputs_embeds=embed(model, ids, on), attention_mask=mask).logits[:, :-1].argmax(-1)
     model.train(was_training)
-    target, g = ids[:, 1:], groups[:, 1:]
-    return {name: round(((pred == target) & (g == i)).sum().item() / max(1, (g == i).sum().item()), 4)
-            for i, name in enumerate(synthetic.ATTRIBUTES)}
+    where = marks[:, 1:] == mark
+    return ((pred == ids[:, 1:]) & where).sum().item(), where.sum().item()
 
 
 # --------------------------------------------------------------------------------------- ViT

@@ -6,7 +6,11 @@ and renders a short table.
 
 The checks are the demo's claims: each attribute read from the true images at >= 0.95
 on held-out documents and at most 0.10 above chance with shuffled images; synthetic shapes
-classification and colour VQA >= 90 at 4 shots.
+classification and colour VQA >= 90 at 4 shots; and in-context learning (the binding pair of
+the suite, when run): labels bound afresh in every prompt are named at <= chance + 0.05 with
+0 shots, >= 0.90 with 4 shots per class, not falling from 1 to 2 to 4 shots (by more than
+MAX_DIP, the sampling noise of 240 queries near the ceiling), and at <= chance + 0.10 with the
+images shuffled across the prompt, at every shot count.
 """
 
 from __future__ import annotations
@@ -15,12 +19,46 @@ import glob
 import json
 import os
 
-from flamingo_dist.data.synthetic import ATTRIBUTES
+from flamingo_dist.data.synthetic import ATTRIBUTES, BINDING_VALUES
 
 MIN_TRUE_ACCURACY = 0.95
 MAX_SHUFFLED_ABOVE_CHANCE = 0.10
 MIN_FEW_SHOT = {("synthetic_shapes", "4shot_random"): 90.0, ("synthetic_vqa_color", "4shot_random"): 90.0}
 CONDITIONS = ("true", "shuffled", "no")
+BINDING_CHANCE = 1.0 / len(BINDING_VALUES)
+MAX_ZERO_SHOT_ABOVE_CHANCE = 0.05
+MIN_BINDING_4_SHOTS = 0.90
+MAX_DIP = 0.02  # a 1 -> 2 -> 4 shots step may fall by at most this (2 sd of 240 queries at 0.97)
+
+
+def in_context(few_shot: dict) -> dict:
+    """{shots: {"true", "shuffled"}} accuracy (0-1) of the binding pair, from the suite's scores."""
+    out: dict = {}
+    for task, cond in (("synthetic_binding", "true"), ("synthetic_binding_shuffled", "shuffled")):
+        for config, score in few_shot.get(task, {}).items():
+            out.setdefault(int(config.split("shot")[0]), {})[cond] = score / 100.0
+    return dict(sorted(out.items()))
+
+
+def in_context_checks(curve: dict) -> list[dict]:
+    checks = []
+    if 0 in curve:
+        limit = BINDING_CHANCE + MAX_ZERO_SHOT_ABOVE_CHANCE
+        checks.append({"check": f"binding at 0 shots <= chance + {MAX_ZERO_SHOT_ABOVE_CHANCE} ({limit:.3f})",
+                       "value": curve[0]["true"], "pass": curve[0]["true"] <= limit})
+    value = curve.get(4, {}).get("true")
+    checks.append({"check": f"binding at 4 shots per class >= {MIN_BINDING_4_SHOTS}", "value": value,
+                   "pass": value is not None and value >= MIN_BINDING_4_SHOTS})
+    rising = [curve[k]["true"] for k in (1, 2, 4) if k in curve]
+    checks.append({"check": f"binding does not fall from 1 to 2 to 4 shots (by more than {MAX_DIP})", "value": rising,
+                   "pass": len(rising) == 3 and all(b >= a - MAX_DIP for a, b in zip(rising, rising[1:]))})
+    for shots, acc in curve.items():
+        if "shuffled" in acc:
+            limit = BINDING_CHANCE + MAX_SHUFFLED_ABOVE_CHANCE
+            checks.append({"check": f"binding at {shots} shots with shuffled images <= chance + "
+                                    f"{MAX_SHUFFLED_ABOVE_CHANCE} ({limit:.3f})",
+                           "value": acc["shuffled"], "pass": acc["shuffled"] <= limit})
+    return checks
 
 
 def read_metrics(run_dir: str) -> dict[int, dict]:
@@ -80,6 +118,8 @@ def learning_summary(run_dir: str) -> dict:
              for k, v in last.items() if k.startswith("gate/")}
     few_shot = evals[max(evals)] if evals else {}
     checks = []
+    if not attributes:
+        checks.append({"check": "held-out attribute accuracy logged", "value": None, "pass": False})
     for group, acc in attributes.items():
         checks.append({"check": f"held-out {group} with true images >= {MIN_TRUE_ACCURACY}", "value": acc["true"],
                        "pass": acc["true"] >= MIN_TRUE_ACCURACY})
@@ -90,8 +130,12 @@ def learning_summary(run_dir: str) -> dict:
         value = few_shot.get(task, {}).get(config)
         checks.append({"check": f"{task} {config} >= {floor}", "value": value,
                        "pass": value is not None and value >= floor})
+    curve = in_context(few_shot)
+    if curve:
+        checks += in_context_checks(curve)
     return {
         "run_dir": run_dir, "step": train_steps[-1], "validation_step": val_steps[-1],
+        "in_context_binding": {"chance": BINDING_CHANCE, "accuracy_by_shots": curve},
         "loss": {"first": metrics[train_steps[0]]["loss"], "last": last["loss"],
                  "val_first": metrics[val_steps[0]]["val/loss"], "val_last": last_val["val/loss"]},
         "held_out_attribute_accuracy": attributes, "few_shot": few_shot,
@@ -107,7 +151,7 @@ def plot(run_dir: str, out_png: str) -> None:
     import matplotlib.pyplot as plt
 
     metrics, evals = read_metrics(run_dir), read_evals(run_dir)
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig, ax = plt.subplots(2, 3, figsize=(17, 8.5))
     train = [(s, m["loss"]) for s, m in metrics.items() if "loss" in m]
     val = [(s, m["val/loss"]) for s, m in metrics.items() if "val/loss" in m]
     a = ax[0, 0]
@@ -148,7 +192,27 @@ def plot(run_dir: str, out_png: str) -> None:
           xlabel="step", ylabel="score")
     if configs:
         a.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{os.path.basename(os.path.abspath(run_dir))}: a Flamingo learning to read its images")
+    a = ax[0, 2]
+    curve = in_context(evals[max(evals)]) if evals else {}
+    for cond, ls in (("true", "o-"), ("shuffled", "s--")):
+        pts = [(k, v[cond]) for k, v in curve.items() if cond in v]
+        if pts:
+            a.plot(*zip(*pts), ls, label=f"{cond} images")
+    a.axhline(BINDING_CHANCE, color="grey", lw=0.8, label="chance")
+    a.set(title=f"In-context learning: labels bound per prompt (step {max(evals) if evals else '-'})"
+          if curve else "In-context learning (binding pair not run)", xlabel="shots per class",
+          ylabel="accuracy", ylim=(0, 1.05), xticks=sorted(curve) or [0, 1, 2, 4])
+    a.legend(fontsize=8)
+    a = ax[1, 2]
+    for cond, task in (("true", "synthetic_binding"), ("shuffled", "synthetic_binding_shuffled")):
+        for c in sorted({c for e in evals.values() for c in e.get(task, {})}):
+            pts = [(s, e[task][c] / 100.0) for s, e in evals.items() if c in e.get(task, {})]
+            a.plot(*zip(*pts), "o-" if cond == "true" else "s--", ms=3, label=f"{c.split('_')[0]}, {cond}")
+    a.axhline(BINDING_CHANCE, color="grey", lw=0.8)
+    a.set(title="Binding accuracy during training", xlabel="step", ylim=(0, 1.05))
+    a.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{os.path.basename(os.path.abspath(run_dir))}: a Flamingo learning to read its images, "
+                 "and to learn from its prompt")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -165,12 +229,21 @@ def table(summary: dict) -> str:
         lines.append(f"few-shot suite at step {summary['few_shot_step']}:")
         for task, r in summary["few_shot"].items():
             lines.append(f"  {task:22}" + "  ".join(f"{c} {v:6.2f}" for c, v in r.items()))
+    curve = summary.get("in_context_binding", {}).get("accuracy_by_shots", {})
+    if curve:
+        lines.append("in-context learning (labels bound per prompt; chance "
+                     f"{summary['in_context_binding']['chance']:.3f}), accuracy by shots per class:")
+        lines.append("  shots     " + "".join(f"{k:>8}" for k in curve))
+        for cond in ("true", "shuffled"):
+            lines.append(f"  {cond + ' images':10}" + "".join(f"{v.get(cond, float('nan')):>8.3f}"
+                                                            for v in curve.values()))
     lines.append("gates |tanh(alpha)|: " + ", ".join(f"{k} {v['abs_tanh_alpha']:.3f}" for k, v in
                                                     summary["gates"].items()))
     lines.append(f"loss {summary['loss']['first']:.3f} -> {summary['loss']['last']:.3f}, validation loss "
                  f"{summary['loss']['val_first']:.3f} -> {summary['loss']['val_last']:.3f}")
     for c in summary["checks"]:
-        value = "missing" if c["value"] is None else f"{c['value']:.3f}"
+        v = c["value"]
+        value = "missing" if v is None else " -> ".join(f"{x:.3f}" for x in v) if isinstance(v, list) else f"{v:.3f}"
         lines.append(f"  [{'pass' if c['pass'] else 'FAIL'}] {c['check']}: {value}")
     return "\n".join(lines)
 

@@ -46,11 +46,12 @@ def word_ids(tokenizer, groups: dict[str, list[str]]) -> dict[str, list[int]]:
 
 def attribute_ids(cfg, tokenizer) -> dict[str, list[int]]:
     """A job's word groups as token ids: eval.attribute_words, else the synthetic corpus'
-    attributes when training on it, else none."""
+    attributes when training on it (alone or as a data.sources entry), else none."""
     from flamingo_dist.data.synthetic import ATTRIBUTES
 
     d, groups = cfg.data, cfg.eval.attribute_words
-    if not groups and not d.sources and d.shards is None:
+    synthetic = not d.sources and d.shards is None or any(s.get("synthetic") == "attributes" for s in d.sources)
+    if not groups and synthetic:
         groups = {k: list(v) for k, v in ATTRIBUTES.items()}
     return word_ids(tokenizer, groups) if groups else {}
 

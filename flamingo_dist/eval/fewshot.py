@@ -23,14 +23,19 @@ import json
 import os
 import random
 import statistics
+from collections import Counter
 
 import torch
 
+from flamingo_dist.data.synthetic import BINDING_LABELS as LABELS
 from flamingo_dist.eval.metrics import cider, gather_predictions, roc_auc, vqa_score
 from flamingo_dist.eval.tasks import Example
 
-PROTOCOL_VERSION = "flamingo_dist-fewshot-1: OpenFlamingo prompts, 0-shot = 2 text-only demos, beam search"
-KINDS = ("captioning", "vqa", "hateful_memes", "classification")
+# 2: the text-only demonstrations of 0 shots are separated by a space (1 ran them together,
+# "redQuestion:", a word no word-level tokenizer knows); the binding kinds
+PROTOCOL_VERSION = "flamingo_dist-fewshot-2: OpenFlamingo prompts, 0-shot = text-only demos, beam search"
+KINDS = ("captioning", "vqa", "hateful_memes", "classification", "binding", "binding_shuffled")
+ZERO_SHOT_DRAWS = 3  # binding prompts per query at 0 shots (label draws and answer positions)
 
 
 def demo_text(kind: str, ex: Example, answer: str | None) -> str:
@@ -43,6 +48,10 @@ def demo_text(kind: str, ex: Example, answer: str | None) -> str:
         return f"is an image with: '{ex.text}' written on it. Is it hateful? Answer:" + ("" if answer is None else answer)
     if kind == "classification":
         return "Output:" + ("" if answer is None else answer)
+    if kind in ("binding", "binding_shuffled"):
+        from flamingo_dist.data.synthetic import binding_text
+
+        return binding_text(answer)
     raise ValueError(f"unknown task kind {kind!r} ({', '.join(KINDS)})")
 
 
@@ -81,7 +90,10 @@ class Prompter:
         with Image.open(path) as img:
             return self.transform(img)
 
-    def inputs(self, kind: str, demos: list[tuple[Example, str]], query: Example, with_demo_images: bool):
+    def inputs(self, kind: str, demos: list[tuple[Example, str]], query: Example, with_demo_images: bool,
+               image_order: list[int] | None = None):
+        """`image_order`: the prompt's images (demonstrations', then the query's) in this order
+        instead (the shuffled-images control)."""
         from flamingo_dist.data.layout import document_text, image_attention_mask
 
         items, images = [], []
@@ -89,9 +101,13 @@ class Prompter:
             if with_demo_images:
                 items.append(None)
                 images.append(ex.image)
-            items.append(demo_text(kind, ex, answer) + " ")
+            items.append(demo_text(kind, ex, answer))
+        if not with_demo_images:  # text-only demonstrations: one text, a space between them
+            items = [" ".join(items)] if items else []
         items += [None, demo_text(kind, query, None)]
         images.append(query.image)
+        if image_order is not None:
+            images = [images[i] for i in image_order]
         text, n = document_text(items, self.tok.bos_token, "")
         ids = torch.tensor([self.tok(text, add_special_tokens=False)["input_ids"]])
         pixels = torch.stack([self.image(p) for p in images])[None]
@@ -133,9 +149,43 @@ def choose_demos(n: int, method: str, rng: random.Random, support: list[Example]
     raise ValueError(f"unknown demonstration method {method!r} (random, rices)")
 
 
+def binding_episode(query: Example, support: list[Example], shots: int, rng: random.Random,
+                    labels: tuple[str, ...], shuffle_images: bool = False, slot: int = 0):
+    """A fast-binding prompt (Frozen's "fast concept binding", Tsimpoukelli et al. 2021): the
+    classes of the support set (the query's among them) get labels drawn afresh from `labels`,
+    bound for this prompt only; `shots` demonstrations per class with their labels, in random
+    order, then the query. 0 shots: each label once as text, no images (the labels are in the
+    prompt, their binding is not: chance), the query's at position `slot` (the harness passes
+    how many queries of its class came before it, so every position holds the answer equally
+    often within each class: a model that picks a label by its position, even one position per
+    class of image, scores chance exactly, not chance plus the luck of the draw).
+    Returns (demos as (example, label), the query's label,
+    the candidate labels, the image order: the prompt's images permuted when shuffle_images)."""
+    classes = sorted({e.answers[0] for e in support} | {query.answers[0]})
+    if len(classes) > len(labels):
+        raise ValueError(f"binding: {len(classes)} classes and only {len(labels)} label words")
+    bound = dict(zip(classes, rng.sample(labels, len(classes))))
+    if shots == 0:  # text only, no image shown; the query's label at position `slot` (mod the classes)
+        others = [c for c in rng.sample(classes, len(classes)) if c != query.answers[0]]
+        others.insert(slot % len(classes), query.answers[0])
+        demos = [(query, bound[c]) for c in others]
+    else:
+        demos = []
+        for c in classes:
+            pool = [e for e in support if e.answers[0] == c and e.id != query.id]
+            if len(pool) < shots:
+                raise ValueError(f"binding: {shots} shots asked, class {c!r} has {len(pool)} support examples")
+            demos += [(e, bound[c]) for e in rng.sample(pool, shots)]
+        rng.shuffle(demos)
+    n_images = 1 + (len(demos) if shots else 0)
+    order = rng.sample(range(n_images), n_images) if shuffle_images else None
+    return demos, bound[query.answers[0]], [bound[c] for c in classes], order
+
+
 def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[Example], shots: int,
              method: str, seed: int, image_size: int, dp_rank: int = 0, dp_size: int = 1, dp_group=None,
-             max_new_tokens: int = 20, feature_cache: str | None = None, num_beams: int = 3) -> tuple[float, dict]:
+             max_new_tokens: int = 20, feature_cache: str | None = None, num_beams: int = 3,
+             binding_labels: tuple[str, ...] = ()) -> tuple[float, dict]:
     """One trial: (the score over the whole query set, the gathered predictions by query id:
     generated text, or P(yes) for HatefulMemes). Collective over the data-parallel group."""
     from flamingo_dist.eval.generate import beam_search, continuation_logprobs
@@ -153,9 +203,32 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
         choices = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in classes]
     elif kind == "hateful_memes":
         choices = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in ("yes", "no")]
+    elif kind in ("binding", "binding_shuffled"):
+        binding_labels = binding_labels or LABELS
+        label_ids = {w: tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in binding_labels}
+        unknown = [w for w, t in label_ids.items() if tokenizer.unk_token_id in t]
+        if unknown:  # an unknown word scores as <unk>: every label would be the same token
+            raise ValueError(f"binding: the label words {unknown} are not in the tokenizer's vocabulary (a tokenizer "
+                             "made before they were added to the synthetic corpus? rebuild it)")
+        slots, per_class = [], Counter()  # each query's 0-shot answer position: cycling within its class
+        for q in queries:
+            slots.append(per_class[q.answers[0]])
+            per_class[q.answers[0]] += 1
     for qi in range(dp_rank, len(queries), dp_size):
         q = queries[qi]
         rng = random.Random(f"{seed}/{q.id}")  # the same demonstrations whatever the layout
+        if kind in ("binding", "binding_shuffled"):
+            preds[q.id] = []
+            # 0 shots: ZERO_SHOT_DRAWS prompts per query (one image each, cheap): the score is
+            # chance whatever the model does, and its sampling noise shrinks by sqrt(3)
+            for draw in range(ZERO_SHOT_DRAWS if shots == 0 else 1):
+                demos, answer, candidates, order = binding_episode(q, support, shots, rng, binding_labels,
+                                                                   kind == "binding_shuffled", slot=slots[qi] + draw)
+                ids, pixels, mask = prompter.inputs(kind, demos, q, shots > 0, order)
+                scores = continuation_logprobs(model, ids, pixels, mask, [label_ids[c] for c in candidates],
+                                               use_cache=use_cache)
+                preds[q.id].append((candidates[max(range(len(candidates)), key=scores.__getitem__)], answer))
+            continue
         query_feat = feats["query"][qi] if feats else None
         demos = choose_demos(n_demos, method, rng, support, query_feat, feats.get("support"), exclude=q.id)
         ids, pixels, mask = prompter.inputs(kind, [(d, demo_answer(kind, d, rng)) for d in demos], q, with_images)
@@ -178,6 +251,9 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
         return vqa_score(preds, {q.id: q.answers for q in queries}), preds
     if kind == "classification":
         return 100.0 * sum(preds[q.id] == q.answers[0] for q in queries) / len(queries), preds
+    if kind in ("binding", "binding_shuffled"):  # each episode's answer is the label bound there
+        hits = [statistics.fmean(p == a for p, a in episodes) for episodes in preds.values()]
+        return 100.0 * sum(hits) / len(queries), {k: [p for p, _ in episodes] for k, episodes in preds.items()}
     score = 100.0 * roc_auc([preds[q.id][0] for q in queries], [preds[q.id][1] for q in queries])
     return score, {k: p for k, (p, _) in preds.items()}
 

@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from flamingo_dist.config.schema import SYNTHETIC_TASKS
+from flamingo_dist.config.schema import OPT_IN_SYNTHETIC_TASKS, SYNTHETIC_TASKS
 
 
 @dataclass
@@ -166,10 +166,19 @@ def write_synthetic_tasks(out_dir: str, num_images: int = 96, seed: int = 0, sid
         memes.append({"id": i, "img": os.path.join("val2014", name), "text": f"a {color} {shape}",
                       "label": int(color == "red")})
         shapes_cls.append({"id": i, "image": os.path.join("val2014", name), "label": shape})
+    # Fast binding (fewshot.binding_episode): images of each shape; 240 queries, 20 support
+    # images per shape. Their own generator: the images above stay as they were.
+    rng, binding = random.Random(seed + 1), []
+    for i in range(BINDING_QUERIES + BINDING_SUPPORT):
+        shape = SHAPES[i % len(SHAPES)]
+        name = f"binding_{i:05d}.png"
+        draw_shape(rng.choice(colors), shape, rng.choice(SIZES), side, rng).save(os.path.join(img_dir, name))
+        binding.append({"id": f"b{i}", "image": os.path.join("val2014", name), "label": shape})
     paths = {"karpathy": os.path.join(out_dir, "dataset_synthetic.json"),
              "vqa_questions": os.path.join(out_dir, "questions.json"),
              "vqa_annotations": os.path.join(out_dir, "annotations.json"),
              "memes": os.path.join(out_dir, "memes.jsonl"), "classes": os.path.join(out_dir, "shapes.jsonl"),
+             "binding": os.path.join(out_dir, "binding.jsonl"),
              "image_root": out_dir, "image_dir": img_dir}
     with open(paths["karpathy"], "w") as f:
         json.dump({"images": images, "dataset": "coco"}, f)
@@ -181,6 +190,8 @@ def write_synthetic_tasks(out_dir: str, num_images: int = 96, seed: int = 0, sid
         f.writelines(json.dumps(m) + "\n" for m in memes)
     with open(paths["classes"], "w") as f:
         f.writelines(json.dumps(c) + "\n" for c in shapes_cls)
+    with open(paths["binding"], "w") as f:
+        f.writelines(json.dumps(b) + "\n" for b in binding)
     return paths
 
 
@@ -213,16 +224,17 @@ def load_task(spec: dict, base_dir: str = ".") -> tuple[str, str, list[Example],
     if kind == "hateful_memes":
         root = path("image_root")
         return name, kind, load_hateful_memes(path("jsonl"), root), load_hateful_memes(path("support_jsonl"), root)
-    if kind == "classification":
+    if kind in ("classification", "binding", "binding_shuffled"):  # binding: the classes get labels per prompt
         root = path("image_root", ".")
         names = path("class_names") if "class_names" in spec else None
         return name, kind, load_classification(path("source"), root, names), \
             load_classification(path("support_source"), root, names)
-    raise ValueError(f"eval task {name!r}: kind must be captioning, vqa, hateful_memes or classification, "
-                     f"got {kind!r}")
+    raise ValueError(f"eval task {name!r}: kind must be captioning, vqa, hateful_memes, classification, binding or "
+                     f"binding_shuffled, got {kind!r}")
 
 
-_SUITE_VERSION = "2"  # 2: 96 images, VQA split by question (colour, shape)
+_SUITE_VERSION = "3"  # 3: the binding tasks; 2: 96 images, VQA split by question (colour, shape)
+BINDING_QUERIES, BINDING_SUPPORT = 240, 60
 
 
 def synthetic_suite(out_dir: str) -> dict[str, tuple[str, list[Example], list[Example]]]:
@@ -242,6 +254,7 @@ def synthetic_suite(out_dir: str) -> dict[str, tuple[str, list[Example], list[Ex
     vqa = load_vqa(os.path.join(out_dir, "questions.json"), os.path.join(out_dir, "annotations.json"), img, "vqav2")
     memes = load_hateful_memes(os.path.join(out_dir, "memes.jsonl"), out_dir)
     shapes = load_classification(os.path.join(out_dir, "shapes.jsonl"), out_dir)
+    binding = load_classification(os.path.join(out_dir, "binding.jsonl"), out_dir)
     half = len(memes) // 2  # one meme, one shape and two questions per image
     color_q = [q for q in vqa if q.question.startswith("what color")]
     shape_q = [q for q in vqa if q.question.startswith("what shape")]
@@ -250,7 +263,20 @@ def synthetic_suite(out_dir: str) -> dict[str, tuple[str, list[Example], list[Ex
              "synthetic_vqa_color": ("vqa", color_q[:half], color_q[half:]),
              "synthetic_vqa_shape": ("vqa", shape_q[:half], shape_q[half:]),
              "synthetic_memes": ("hateful_memes", memes[:half], memes[half:]),
-             "synthetic_shapes": ("classification", shapes[:half], shapes[half:])}
+             "synthetic_shapes": ("classification", shapes[:half], shapes[half:]),
+             # labels bound per prompt, with the true images and with them shuffled across it
+             "synthetic_binding": ("binding", binding[:BINDING_QUERIES], binding[BINDING_QUERIES:]),
+             "synthetic_binding_shuffled": ("binding_shuffled", binding[:BINDING_QUERIES],
+                                            binding[BINDING_QUERIES:])}
     if tuple(suite) != SYNTHETIC_TASKS:  # the names eval.synthetic_tasks is validated against
         raise RuntimeError(f"internal: synthetic suite {tuple(suite)} != config's SYNTHETIC_TASKS {SYNTHETIC_TASKS}")
     return suite
+
+
+def select_synthetic(suite: dict, names: list[str] | tuple[str, ...] = ()) -> dict:
+    """The named tasks of the synthetic suite; none named: all but the opt-in ones (the binding
+    pair, 240 queries each)."""
+    unknown = [n for n in names if n not in suite]
+    if unknown:
+        raise ValueError(f"synthetic tasks {unknown} are not in the suite ({', '.join(suite)})")
+    return {n: t for n, t in suite.items() if n in names or (not names and n not in OPT_IN_SYNTHETIC_TASKS)}

@@ -288,8 +288,7 @@ class Trainer:
                 if lay.rank == 0:
                     eval_tasks.synthetic_suite(where)
                 dist.barrier()
-                suite.update({n: t for n, t in eval_tasks.synthetic_suite(where).items()
-                              if not ev.synthetic_tasks or n in ev.synthetic_tasks})
+                suite.update(eval_tasks.select_synthetic(eval_tasks.synthetic_suite(where), ev.synthetic_tasks))
             if ev.tasks_file:
                 import yaml
 
@@ -403,11 +402,13 @@ class Trainer:
     def _data_sources(self):
         """(training sources, validation shards per source, tokenizer directory); the synthetic
         corpus (and its held-out part) is generated when no shards are configured."""
+        from flamingo_dist.config.load import source_configs
         from flamingo_dist.data.feed import resolve_sources
         from flamingo_dist.data.synthetic import ensure_corpus
 
         d = self.cfg.data
-        if d.sources or d.shards is not None:
+        generated = [sc for sc in source_configs(self.cfg) if sc.synthetic] if d.sources else []
+        if d.sources and not generated or d.shards is not None:
             tok_dir = d.tokenizer or self.cfg.model.lm.path or self.cfg.model.init_from
             if tok_dir is None:
                 raise ValueError("data.tokenizer: needed when data shards are given and no checkpoint is")
@@ -417,18 +418,25 @@ class Trainer:
                              "with a checkpoint give data.shards (its word tokenizer cannot stand in for the "
                              "checkpoint's)")
         vocab = self.cfg.model.lm.vocab_size
-        val_dir = os.path.join(d.synthetic_dir, "val") if d.val_every_steps else None
+        # (name, kind, training folder, held-out folder): the corpus of synthetic_dir, or one folder
+        # per data.sources entry naming a synthetic corpus
+        corpora = [(sc.name, sc.synthetic, os.path.join(d.synthetic_dir, sc.name)) for sc in generated] or \
+            [("main", "attributes", d.synthetic_dir)]
+        corpora = [(n, k, p, os.path.join(p, "val") if d.val_every_steps else None) for n, k, p in corpora]
 
         def write():
-            ensure_corpus(d.synthetic_dir, d.synthetic_num_docs, seed=0, side=d.image_size, vocab_size=vocab,
-                          max_images=d.max_images)
-            if val_dir:
-                ensure_corpus(val_dir, d.synthetic_val_docs, seed=1, side=d.image_size, vocab_size=vocab,
-                              docs_per_shard=16, max_images=d.max_images)
+            for _, kind, train_dir, val_dir in corpora:
+                ensure_corpus(train_dir, d.synthetic_num_docs, seed=0, side=d.image_size, vocab_size=vocab,
+                              max_images=d.max_images, kind=kind)
+                if val_dir:
+                    ensure_corpus(val_dir, d.synthetic_val_docs, seed=1, side=d.image_size, vocab_size=vocab,
+                                  docs_per_shard=16, max_images=d.max_images, kind=kind)
 
         self._on_writers(write)
-        tok_dir = d.tokenizer or self.cfg.model.lm.path or os.path.join(d.synthetic_dir, "tokenizer")
-        return (*resolve_sources(self.cfg, d.synthetic_dir, val_dir), tok_dir)
+        tok_dir = d.tokenizer or self.cfg.model.lm.path or os.path.join(corpora[0][2], "tokenizer")
+        if generated:
+            return (*resolve_sources(self.cfg, synthetic_sources={n: (p, v) for n, _, p, v in corpora}), tok_dir)
+        return (*resolve_sources(self.cfg, d.synthetic_dir, corpora[0][3]), tok_dir)
 
     def log(self, msg: str) -> None:
         """The trainer's messages (the module logger; printed on rank 0 by flamingo_dist.setup_logging)."""
