@@ -104,7 +104,7 @@ def document_plan(rng: random.Random, max_images: int = 3, styles: tuple[str, ..
     style = rng.choice(styles)
     items: list = [rng.choice(INTROS)] if style == "caption" or rng.random() < 0.5 else []
     for _ in range(rng.randint(1, max_images)):
-        attrs = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "size": rng.choice(SIZES)}
+        attrs = random_attrs(rng)
         items += [attrs, STYLES[style].format(**attrs) + " "]
     return items
 
@@ -128,9 +128,9 @@ def binding_text(label: str | None) -> str:
     return "" if label is None else label
 
 
-def random_attrs(rng: random.Random, **fixed) -> dict:
-    attrs = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "size": rng.choice(SIZES)}
-    return {**attrs, **fixed}
+def random_attrs(rng: random.Random) -> dict:
+    """An image's attributes, drawn in this order (colour, shape, size): the corpus depends on it."""
+    return {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "size": rng.choice(SIZES)}
 
 
 def binding_plan(rng: random.Random, max_images: int, labels: tuple[str, ...] | None = None) -> list:
