@@ -35,6 +35,7 @@ from flamingo_dist.eval.tasks import Example
 # "redQuestion:", a word no word-level tokenizer knows); the binding kinds
 PROTOCOL_VERSION = "flamingo_dist-fewshot-2: OpenFlamingo prompts, 0-shot = text-only demos, beam search"
 KINDS = ("captioning", "vqa", "hateful_memes", "classification", "binding", "binding_shuffled")
+BINDING_KINDS = ("binding", "binding_shuffled")  # labels bound per prompt; the second shuffles its images
 ZERO_SHOT_DRAWS = 3  # binding prompts per query at 0 shots (label draws and answer positions)
 
 
@@ -48,7 +49,7 @@ def demo_text(kind: str, ex: Example, answer: str | None) -> str:
         return f"is an image with: '{ex.text}' written on it. Is it hateful? Answer:" + ("" if answer is None else answer)
     if kind == "classification":
         return "Output:" + ("" if answer is None else answer)
-    if kind in ("binding", "binding_shuffled"):
+    if kind in BINDING_KINDS:
         from flamingo_dist.data.synthetic import binding_text
 
         return binding_text(answer)
@@ -203,7 +204,7 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
         choices = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in classes]
     elif kind == "hateful_memes":
         choices = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in ("yes", "no")]
-    elif kind in ("binding", "binding_shuffled"):
+    elif kind in BINDING_KINDS:
         binding_labels = binding_labels or LABELS
         label_ids = {w: tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in binding_labels}
         unknown = [w for w, t in label_ids.items() if tokenizer.unk_token_id in t]
@@ -217,7 +218,7 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
     for qi in range(dp_rank, len(queries), dp_size):
         q = queries[qi]
         rng = random.Random(f"{seed}/{q.id}")  # the same demonstrations whatever the layout
-        if kind in ("binding", "binding_shuffled"):
+        if kind in BINDING_KINDS:
             preds[q.id] = []
             # 0 shots: ZERO_SHOT_DRAWS prompts per query (one image each, cheap): the score is
             # chance whatever the model does, and its sampling noise shrinks by sqrt(3)
@@ -251,7 +252,7 @@ def evaluate(model, tokenizer, kind: str, queries: list[Example], support: list[
         return vqa_score(preds, {q.id: q.answers for q in queries}), preds
     if kind == "classification":
         return 100.0 * sum(preds[q.id] == q.answers[0] for q in queries) / len(queries), preds
-    if kind in ("binding", "binding_shuffled"):  # each episode's answer is the label bound there
+    if kind in BINDING_KINDS:  # each episode's answer is the label bound there
         hits = [statistics.fmean(p == a for p, a in episodes) for episodes in preds.values()]
         return 100.0 * sum(hits) / len(queries), {k: [p for p, _ in episodes] for k, episodes in preds.items()}
     score = 100.0 * roc_auc([preds[q.id][0] for q in queries], [preds[q.id][1] for q in queries])
