@@ -17,6 +17,7 @@ import statistics
 import time
 
 from flamingo_dist.config.schema import TrainConfig, checkpoint_dir
+from flamingo_dist.training.state import TrainingStopped, TrainState
 
 
 class SpikeDetector:
@@ -54,7 +55,6 @@ def roll_back(trainer, why: str, first_bad: int) -> None:
     skipping the data read since; the loop limit (train.max_rollbacks per rollback_window_steps)
     stops the run in one line."""
     from flamingo_dist.training import checkpoint
-    from flamingo_dist.training.trainer import TrainingStopped, TrainState
 
     t, st = trainer.cfg.train, trainer.state
     bad = st.step

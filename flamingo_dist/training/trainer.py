@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,21 +25,10 @@ from flamingo_dist.config.schema import JobConfig
 from flamingo_dist.data.layout import labelled_tokens
 from flamingo_dist.data.processing import MODEL_KEYS, normalize_pixels
 from flamingo_dist.training.rollback import SpikeDetector, roll_back
+from flamingo_dist.training.state import TrainingStopped, TrainState
 from flamingo_dist.training.step import StepRead, account, read_step, step_metrics
 
 log = logging.getLogger(__name__)
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (too many non-finite steps, say); the message says why."""
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    skipped_steps: int = 0
-    consecutive_skipped: int = 0
-    tokens_seen: int = 0
-    rollbacks: int = 0  # loss-spike rollbacks so far (train.spike_rollback)
 
 
 def _dtype(cfg: JobConfig) -> torch.dtype:
