@@ -96,19 +96,23 @@ def check_mlflow_run(run_dir, tp=1, dp=1):
         assert k in keys, k
 
 
-def fresh_workdir(tmp_path):
-    """A copy of the user's view: the repository's entry point and configs, nothing generated."""
+def fresh_workdir(tmp_path, backbones):
+    """A copy of the user's view: the repository's entry point and configs and the synthetic
+    backbones, nothing else generated. The backbones are the suite's one build (the
+    synthetic_backbones fixture; test_demo checks what they learned): building them again here
+    cost two minutes per test, and `make demo` shows the build from a fresh clone."""
     work = tmp_path / "work"
-    work.mkdir()
+    (work / "data").mkdir(parents=True)
     for name in ("flamingo_dist", "ds_configs", "configs"):
         os.symlink(os.path.join(REPO, name), work / name)
+    os.symlink(backbones, work / "data" / "backbones")
     return str(work)
 
 
-def test_command_exactly_as_typed(tmp_path):
+def test_command_exactly_as_typed(tmp_path, synthetic_backbones):
     """`deepspeed flamingo_dist/train.py --deepspeed ds_configs/zero2.json` on a fresh directory:
     generates the synthetic corpus, trains the debug flavor, logs to a local MLflow store."""
-    work = fresh_workdir(tmp_path)
+    work = fresh_workdir(tmp_path, synthetic_backbones)
     proc = launch(["deepspeed", "flamingo_dist/train.py", "--deepspeed", "ds_configs/zero2.json"], cwd=work)
     assert "done: 20 steps" in proc.stdout
     assert os.path.isfile(os.path.join(work, "data/synthetic/DONE"))
@@ -117,8 +121,8 @@ def test_command_exactly_as_typed(tmp_path):
     check_mlflow_run(os.path.join(work, "runs/debug"))
 
 
-def test_command_with_config_and_two_processes(tmp_path, synthetic_corpus):
-    work = fresh_workdir(tmp_path)
+def test_command_with_config_and_two_processes(tmp_path, synthetic_corpus, synthetic_backbones):
+    work = fresh_workdir(tmp_path, synthetic_backbones)
     run_dir = os.path.join(work, "runs/two")
     launch(["deepspeed", "--num_gpus", "2", "--master_port", "29650", "flamingo_dist/train.py",
             "--deepspeed", "ds_configs/zero2.json", "--config", "configs/debug.yaml",

@@ -11,6 +11,7 @@ from distributed import run_distributed
 from test_trainer import make_trainer, nan_loss_at, snapshot
 
 STEPS = 4
+BF16_EPS = 2 ** -8  # bf16's unit roundoff (8 significant bits): half its machine epsilon
 INF_GRAD_STEP, NAN_LOSS_STEP = 2, 4
 
 
@@ -122,11 +123,11 @@ def test_one_host_read_per_optimizer_step(stage, world, synthetic_corpus, tmp_pa
 def test_the_fused_step_on_the_flat_fp32_gradient_partition(synthetic_corpus, tmp_path):
     """bf16 with `data_types.grad_accum_dtype: fp32`: ZeRO-2 keeps each rank's gradients in one flat
     fp32 partition, and the norm is taken over it in one piece. bf16 rounds the weights, so the two
-    paths agree to bf16's precision, not fp32's."""
+    paths agree to bf16's precision (BF16_EPS), not fp32's: 1.13e-3 apart at step 3 on CI's CPU."""
     for rank, (ours, theirs) in enumerate(run_distributed(_both, 2, 1, tmp_path / "out", synthetic_corpus,
                                                           str(tmp_path / "run"), 2, "bf16")):
         for step, (a, b) in enumerate(zip(ours, theirs), start=1):
             assert a["step_applied"] == b["step_applied"] == float(step not in (INF_GRAD_STEP, NAN_LOSS_STEP))
             if a["step_applied"]:
-                assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), f"rank {rank} step {step}"
-                assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), f"rank {rank} step {step}"
+                assert a["loss"] == pytest.approx(b["loss"], rel=BF16_EPS), f"rank {rank} step {step}"
+                assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=BF16_EPS), f"rank {rank} step {step}"
