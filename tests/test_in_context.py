@@ -4,13 +4,14 @@ shapes) names held-out images by the labels their prompt bound, labels it has ne
 that way: near chance at 0 shots (the labels are shown, not their binding), far above at 4 shots
 per class, and near chance again with the prompt's images shuffled.
 
-What makes it fail (each run once against this test, 2026-12-06, docs/learning.md):
+What makes it fail (each run once against this test; rerun 2026-12-06 on backbones version 3 with
+episodes of up to 13 images, where it passes in 129 s):
 - labels not bound per episode (every training document binds dax, wug, blicket to circle,
   square, triangle): the model learns the fixed names, and prompts with fresh bindings score
-  0.31 at 4 shots: the test fails on the 4-shot floor;
+  0.31 at 4 shots: the test fails on the 4-shot floor (0.31 before, on version 2);
 - the query's image swapped for a random support image in the harness (the prompt no longer asks
-  about the image it scores): 0.37 at 4 shots, the test fails. (Swapped for a support image of
-  the same shape, the test passes, and must: the answer is the same.)
+  about the image it scores): 0.38 at 4 shots, the test fails (0.37 before). (Swapped for a
+  support image of the same shape, the test passes, and must: the answer is the same.)
 """
 
 import os
