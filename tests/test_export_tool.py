@@ -101,8 +101,8 @@ def test_evaluating_the_export_and_its_checkpoint_gives_identical_scores(synthet
                          "synthetic_shapes"}
     # the comparison is not vacuous: the model generates text, and its scores depend on the input
     # (P(yes) differs for every meme; memes' scores are compared to 1e-4 above). Distinct captions
-    # are not asked of a model trained 3 steps: on a clean clone's own backbone build (bit-different
-    # from another build: thread timing) every caption was "square".
+    # are not asked of a model trained 3 steps: on a clean clone's own backbone build (CPU builds
+    # are not bit-reproducible between checkouts here) every caption was "square".
     captions = [t for r in ours["synthetic_captions"].values() for p in r["predictions"] for t in p.values()]
     assert any(captions)
     p_yes = list(ours["synthetic_memes"]["4shot_random"]["predictions"][0].values())
