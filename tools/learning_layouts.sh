@@ -40,11 +40,9 @@ for layout in "${LAYOUTS[@]}"; do
     bf16) run bf16 1 train.precision=bf16 ;;
     tp2) run tp2 2 parallel.tensor_parallel_size=2 ;;
     # the same global batch: half the micro-batch on each of 2 ranks
-    dp2) run dp2 2 "train.micro_batch_size=$(python - "$CONFIG" <<'PY'
-import sys, yaml
-print(yaml.safe_load(open(sys.argv[1]))["train"]["micro_batch_size"] // 2)
-PY
-)" ;;
+    dp2) run dp2 2 "train.micro_batch_size=$(python -c 'import sys
+from flamingo_dist.config.load import load_config
+print(load_config(sys.argv[1]).train.micro_batch_size // 2)' "$CONFIG")" ;;
     *) echo "unknown layout $layout (bf16, tp2, dp2)" >&2; exit 2 ;;
   esac
 done
